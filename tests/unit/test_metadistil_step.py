@@ -1,0 +1,143 @@
+"""The MetaDistil step: its teacher meta-gradient against finite differences and the double-backward reference,
+the pilot's isolation from the real student, and the real step's use of the updated teacher."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from torch.func import functional_call
+
+import tiny
+from trainer.algorithms import MetaDistil
+from trainer.config import DistillConfig, MetaDistilConfig
+from trainer.data import Collator, synthetic_sentiment
+from trainer.config import NoiseConfig
+from trainer.engine import TorchEngine
+from trainer.losses import average_logits, cross_entropy, distillation_loss
+
+DISTILL = DistillConfig(temperature=2.0, alpha=0.7)
+PILOT_LR = 0.5  # large, so that the meta-gradient is far from zero and finite differences see it
+
+
+class Recording(TorchEngine):
+    """A plain engine that remembers the gradients it was asked to step on."""
+
+    def __init__(self, module, lr=1e-2):
+        super().__init__(module, torch.optim.SGD(module.parameters(), lr=lr), grad_clip=None)
+        self.seen: list[dict[str, torch.Tensor]] = []
+
+    def step(self):
+        self.seen.append({n: p.grad.detach().clone() for n, p in self.module.named_parameters()})
+        super().step()
+
+
+def make_setup(tokenizers, n_teachers: int, dtype=torch.float64, dropout: float = 0.0):
+    builders = [(tiny.tiny_bert, "wordpiece"), (tiny.tiny_roberta, "bpe")]
+    teachers = [builder(tokenizers[tok], dropout=dropout, seed=10 + i).to(dtype).eval()
+                for i, (builder, tok) in enumerate(builders[:n_teachers])]
+    student = tiny.tiny_distilbert(tokenizers["wordpiece_cased"], dropout=dropout, seed=3).to(dtype).train()
+    data = synthetic_sentiment(12, 4)["train"]
+    collate = Collator(tokenizers["wordpiece_cased"], [tokenizers[tok] for _, tok in builders[:n_teachers]],
+                       max_length=32, noise=NoiseConfig(), seed=0)
+    return student, teachers, collate(data, range(0, 8)), collate(data, range(8, 12))
+
+
+def quiz_loss_of_teachers(student, teachers, batch, quiz, teacher_params):
+    """L_quiz(θ − λ ∇θ ℓ(θ, φ)) as a plain function of the teachers' parameters φ (the definition)."""
+    theta = {n: p.detach().requires_grad_() for n, p in student.named_parameters()}
+    z_s = functional_call(student, theta, kwargs=batch.student).logits
+    z_t = average_logits([functional_call(t, phi, kwargs=x).logits
+                          for t, phi, x in zip(teachers, teacher_params, batch.teachers)])
+    loss = distillation_loss(z_s, z_t, batch.labels, DISTILL.temperature, DISTILL.alpha)
+    grads = torch.autograd.grad(loss, list(theta.values()), create_graph=True)
+    stepped = {n: p - PILOT_LR * g for (n, p), g in zip(theta.items(), grads)}
+    return cross_entropy(functional_call(student, stepped, kwargs=quiz.student).logits, quiz.labels)
+
+
+def meta_gradients(student, teachers, batch, quiz, method: str):
+    engines = [Recording(t) for t in teachers]
+    algo = MetaDistil(Recording(student), engines, DISTILL,
+                      MetaDistilConfig(pilot_lr=PILOT_LR, meta_gradient=method, quiz_batch_size=4),
+                      quiz_batches=itertools.repeat(quiz))
+    algo.train_step(batch, step=0)
+    return [e.seen[0] for e in engines], algo
+
+
+@pytest.mark.parametrize("n_teachers", [1, 2])
+@pytest.mark.parametrize("method", ["forward_ad", "double_backward"])
+def test_meta_gradient_matches_finite_differences(tokenizers, n_teachers, method):
+    student, teachers, batch, quiz = make_setup(tokenizers, n_teachers)
+    base = [{n: p.detach().clone() for n, p in t.named_parameters()} for t in teachers]
+    student_before = {n: p.detach().clone() for n, p in student.state_dict().items()}
+    grads, _ = meta_gradients(student, teachers, batch, quiz, method)
+    student.load_state_dict(student_before)  # the step's real update moved it; the definition is at the old θ
+    torch.manual_seed(0)
+    direction = [{n: torch.randn_like(p) for n, p in phi.items()} for phi in base]
+    eps = 1e-5
+    with torch.no_grad():
+        plus = [{n: p + eps * d[n] for n, p in phi.items()} for phi, d in zip(base, direction)]
+        minus = [{n: p - eps * d[n] for n, p in phi.items()} for phi, d in zip(base, direction)]
+    finite = (quiz_loss_of_teachers(student, teachers, batch, quiz, plus)
+              - quiz_loss_of_teachers(student, teachers, batch, quiz, minus)).item() / (2 * eps)
+    analytic = sum((g[n] * d[n]).sum().item() for g, d in zip(grads, direction) for n in g)
+    assert abs(finite) > 1e-6
+    assert abs(analytic - finite) / abs(finite) < 1e-4
+    for i, g in enumerate(grads):
+        zero = [n for n, t in g.items() if t.abs().max() == 0]
+        assert not zero, f"teacher {i}: no meta-gradient for {zero}"
+
+
+@pytest.mark.parametrize("n_teachers", [1, 2])
+def test_first_order_route_equals_double_backward(tokenizers, n_teachers):
+    """With dropout on, both routes see the same masks: the first-order route replays the pilot's RNG."""
+    student, teachers, batch, quiz = make_setup(tokenizers, n_teachers, dropout=0.1)
+    results = {}
+    for method in ("forward_ad", "double_backward", "finite_difference"):
+        torch.manual_seed(123)
+        copies = [t.__class__(t.config).to(torch.float64) for t in teachers]
+        for c, t in zip(copies, teachers):
+            c.load_state_dict(t.state_dict())
+            c.eval()
+        s = student.__class__(student.config).to(torch.float64).train()
+        s.load_state_dict(student.state_dict())
+        results[method] = meta_gradients(s, copies, batch, quiz, method)[0]
+    for method, tol in (("forward_ad", 1e-10), ("finite_difference", 1e-5)):
+        for got, ref in zip(results[method], results["double_backward"]):
+            num = sum(((got[n] - ref[n]) ** 2).sum() for n in ref).sqrt()
+            den = sum((ref[n] ** 2).sum() for n in ref).sqrt()
+            assert num / den < tol, f"{method}: relative error {num / den:.2e}"
+
+
+def test_pilot_leaves_student_alone_and_real_step_uses_updated_teacher(tokenizers):
+    student, teachers, batch, quiz = make_setup(tokenizers, 2)
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    seen_during_meta = {}
+
+    engines = [Recording(t, lr=0.5) for t in teachers]
+    student_engine = Recording(student, lr=0.1)
+    original_step = engines[-1].step
+
+    def spy_step():  # the last teacher's step runs after the pilot and the quiz, before the real step
+        seen_during_meta.update({n: p.detach().clone() for n, p in student.named_parameters()})
+        original_step()
+
+    engines[-1].step = spy_step
+    algo = MetaDistil(student_engine, engines, DISTILL, MetaDistilConfig(pilot_lr=PILOT_LR, quiz_batch_size=4),
+                      quiz_batches=itertools.repeat(quiz))
+    losses = algo.train_step(batch, step=0)
+    assert all(torch.equal(before[n], seen_during_meta[n]) for n in before), "the pilot changed the real student"
+
+    # Reference real step: the plain KD gradient of the original student against the *updated* teachers.
+    fresh = student.__class__(student.config).to(torch.float64).train()
+    fresh.load_state_dict(before)
+    with torch.no_grad():
+        updated = average_logits([t(**x).logits for t, x in zip(teachers, batch.teachers)])
+    loss = distillation_loss(fresh(**batch.student).logits, updated, batch.labels, DISTILL.temperature, DISTILL.alpha)
+    loss.backward()
+    expected = {n: p.grad for n, p in fresh.named_parameters()}
+    got = student_engine.seen[0]
+    assert all(torch.allclose(got[n], expected[n], rtol=1e-9, atol=1e-12) for n in expected)
+    assert losses["kd"] == pytest.approx(loss.item(), rel=1e-12)
+    assert any(not torch.equal(before[n], p) for n, p in student.named_parameters()), "the real step did not update"

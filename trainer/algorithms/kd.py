@@ -1,0 +1,36 @@
+"""Vanilla knowledge distillation from frozen teachers (Hinton et al. 2015)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from trainer.config import DistillConfig
+from trainer.data import Batch
+from trainer.engine import Engine
+from trainer.losses import average_logits, distillation_loss
+
+
+class KD:
+    name = "kd"
+
+    def __init__(self, student: Engine, teachers: Sequence[nn.Module], distill: DistillConfig):
+        self.student = student
+        self.teachers = list(teachers)
+        self.distill = distill
+
+    def loss(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return distillation_loss(student_logits, teacher_logits, labels, self.distill.temperature, self.distill.alpha)
+
+    @torch.no_grad()
+    def teacher_logits(self, batch: Batch) -> torch.Tensor:
+        return average_logits([teacher(**inputs).logits for teacher, inputs in zip(self.teachers, batch.teachers)])
+
+    def train_step(self, batch: Batch, step: int) -> dict[str, float]:
+        teacher_logits = self.teacher_logits(batch)
+        loss = self.loss(self.student(**batch.student).logits, teacher_logits, batch.labels)
+        self.student.backward(loss)
+        self.student.step()
+        return {"kd": loss.item()}

@@ -1,0 +1,167 @@
+"""MetaDistil (Zhou et al. 2022): the teachers learn to teach from the student's quiz results.
+
+One meta step on a training batch x and a quiz batch q, with student θ, teachers φ and pilot step size λ:
+  1. pilot:  θ' = θ − λ ∇θ ℓ(z_S(θ; x), z_T(φ; x))                  (a functional copy; the real student is untouched)
+  2. quiz:   L_q(θ') = CE(z_S(θ'; q)); every teacher takes an optimizer step on ∇φ L_q(θ')
+  3. real:   the real student takes its KD step on x with the updated teachers' logits.
+
+∇φ L_q needs no double backward through the student: φ enters the pilot loss only through z_T, so with
+v = ∇θ' L_q and w = J_θ(z_S)·v (one Jacobian-vector product),
+  ∇φ L_q = −λ J_φ(z_T)ᵀ u,   u = ∂/∂z_T ⟨∂ℓ/∂z_S, w⟩   (a C×C product per example, on logits only).
+Every backward is first order. ``meta_gradient: double_backward`` keeps the naive second-order route as the
+reference. Gradients are computed on detached parameter copies and handed to the (DeepSpeed) engines at the end.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from torch.func import functional_call, jvp
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from trainer.algorithms.kd import KD
+from trainer.config import DistillConfig, MetaDistilConfig
+from trainer.data import Batch
+from trainer.engine import Engine, apply_gradients
+from trainer.losses import average_logits, cross_entropy
+from trainer.metrics import PhaseTimer
+
+Params = dict[str, torch.Tensor]
+
+
+class MetaDistil(KD):
+    name = "metadistil"
+
+    def __init__(self, student: Engine, teachers: Sequence[Engine], distill: DistillConfig, meta: MetaDistilConfig,
+                 quiz_batches: Iterator[Batch], timer: PhaseTimer | None = None):
+        super().__init__(student, teachers, distill)
+        self.meta = meta
+        self.quiz_batches = quiz_batches
+        self.timer = timer or PhaseTimer()
+
+    def train_step(self, batch: Batch, step: int) -> dict[str, float]:
+        if step % self.meta.meta_interval:
+            with self.timer("kd_step"):
+                return super().train_step(batch, step)
+        return self.meta_step(batch, next(self.quiz_batches))
+
+    def meta_step(self, batch: Batch, quiz: Batch) -> dict[str, float]:
+        if self.meta.meta_gradient == "double_backward":
+            # Fused attention kernels have no double backward; the reference route runs on the math kernel.
+            with sdpa_kernel(SDPBackend.MATH):
+                return self._meta_step(batch, quiz)
+        return self._meta_step(batch, quiz)
+
+    def _meta_step(self, batch: Batch, quiz: Batch) -> dict[str, float]:
+        lr, second_order = self.meta.pilot_lr, self.meta.meta_gradient == "double_backward"
+        student = self.student.module
+        theta = trainable_copy(student)
+        dropout_state = rng_state(batch.labels.device)
+        with self.timer("pilot"):
+            student_logits = forward(student, theta, batch.student)
+            phis = [trainable_copy(t.module) for t in self.teachers]
+            teacher_logits = [forward(t.module, phi, x) for t, phi, x in zip(self.teachers, phis, batch.teachers)]
+            mean_teacher = average_logits(teacher_logits)
+            pilot_loss = self.loss(student_logits, mean_teacher if second_order else mean_teacher.detach(),
+                                   batch.labels)
+            grads = torch.autograd.grad(pilot_loss, list(theta.values()), retain_graph=True,
+                                        create_graph=second_order)
+            stepped = {n: p - lr * g for (n, p), g in zip(theta.items(), grads)}
+            if not second_order:
+                stepped = {n: p.detach().requires_grad_() for n, p in stepped.items()}
+        with self.timer("quiz"):
+            quiz_loss = cross_entropy(forward(student, stepped, quiz.student), quiz.labels)
+        with self.timer("teacher_update"):
+            flat_phis = [p for phi in phis for p in phi.values()]
+            if second_order:
+                teacher_grads = torch.autograd.grad(quiz_loss, flat_phis, retain_graph=True)
+            else:
+                v = torch.autograd.grad(quiz_loss, list(stepped.values()))
+                w = self.student_jvp(student, theta, v, batch.student, dropout_state)
+                u = logit_cross_term(self.loss, student_logits.detach(), mean_teacher.detach(), batch.labels, w)
+                share = -lr * u / len(teacher_logits)  # d(mean)/d(each teacher's logits) = 1/n
+                teacher_grads = torch.autograd.grad(teacher_logits, flat_phis, grad_outputs=[share] * len(phis))
+            start = 0
+            for engine, phi in zip(self.teachers, phis):
+                apply_gradients(engine, teacher_grads[start: start + len(phi)])
+                engine.step()
+                start += len(phi)
+        with self.timer("student_update"):
+            # The pilot forward is reused: same θ, same batch, same dropout mask; only the targets changed.
+            updated_teacher = self.teacher_logits(batch)
+            logits = student_logits.detach().requires_grad_()
+            real_loss = self.loss(logits, updated_teacher, batch.labels)
+            (upstream,) = torch.autograd.grad(real_loss, logits)
+            student_grads = torch.autograd.grad(student_logits, list(theta.values()), grad_outputs=upstream)
+            apply_gradients(self.student, student_grads)
+            self.student.step()
+        return {"kd": real_loss.item(), "pilot_kd": pilot_loss.item(), "quiz_ce": quiz_loss.item()}
+
+    def student_jvp(self, student: nn.Module, theta: Params, tangent: Sequence[torch.Tensor],
+                    inputs: dict[str, torch.Tensor], dropout_state: tuple) -> torch.Tensor:
+        """w = J_θ(z_S)·v at the pilot's θ, replaying the pilot forward's dropout masks."""
+        primal = {n: p.detach() for n, p in theta.items()}
+        tangents = dict(zip(theta, tangent))
+        logits_at = lambda params: forward(student, params, inputs)  # noqa: E731
+        if self.meta.meta_gradient == "forward_ad":
+            # Fused attention kernels have no forward-mode derivative; the math kernel is plain differentiable ops.
+            with replay_rng(dropout_state), sdpa_kernel(SDPBackend.MATH):
+                return jvp(logits_at, (primal,), (tangents,))[1]
+        return finite_difference_jvp(logits_at, primal, tangents, dropout_state)
+
+
+def logit_cross_term(loss: Callable, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                     labels: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """u = ∂/∂z_T ⟨∂ℓ/∂z_S, w⟩: the mixed second derivative of the loss in the logits, applied to w."""
+    z_s = student_logits.detach().requires_grad_()
+    z_t = teacher_logits.detach().requires_grad_()
+    (d_student,) = torch.autograd.grad(loss(z_s, z_t, labels), z_s, create_graph=True)
+    (u,) = torch.autograd.grad((d_student * w).sum(), z_t)
+    return u
+
+
+def finite_difference_jvp(fn: Callable[[Params], torch.Tensor], primal: Params, tangents: Params,
+                          dropout_state: tuple) -> torch.Tensor:
+    """(f(θ + h v̂) − f(θ − h v̂)) / 2h · |v|, with h scaled to the parameters and the dtype's precision."""
+    tangent_norm = torch.sqrt(sum((t.double() ** 2).sum() for t in tangents.values()))
+    if tangent_norm == 0:
+        with torch.no_grad(), replay_rng(dropout_state):
+            return torch.zeros_like(fn(primal))
+    param_norm = torch.sqrt(sum((p.double() ** 2).sum() for p in primal.values()))
+    dtype = next(iter(primal.values())).dtype
+    h = float(torch.finfo(dtype).eps ** (1 / 3) * max(1.0, float(param_norm)))
+    scale = h / float(tangent_norm)
+    with torch.no_grad():
+        with replay_rng(dropout_state):
+            plus = fn({n: p + scale * tangents[n] for n, p in primal.items()})
+        with replay_rng(dropout_state):
+            minus = fn({n: p - scale * tangents[n] for n, p in primal.items()})
+    return (plus - minus) / (2 * scale)
+
+
+def trainable_copy(module: nn.Module) -> Params:
+    """Detached leaves sharing storage with the module's trainable parameters (no copy, no engine hooks)."""
+    return {n: p.detach().requires_grad_() for n, p in module.named_parameters() if p.requires_grad}
+
+
+def forward(module: nn.Module, params: Params, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The module's logits with ``params`` in place of its own."""
+    return functional_call(module, params, args=(), kwargs=inputs).logits
+
+
+def rng_state(device: torch.device) -> tuple:
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None, device
+
+
+@contextmanager
+def replay_rng(state: tuple):
+    """Run a block with the RNG as it was at ``state``; the RNG outside the block is left as it was."""
+    cpu, cuda, device = state
+    with torch.random.fork_rng(devices=[device] if cuda is not None else []):
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, device)
+        yield

@@ -1,0 +1,320 @@
+"""The one validated configuration of a trial.
+
+Every key has a default and a help text (``metadistil validate --explain`` prints them). Validation happens before any
+model or dataset is loaded, and every error names the dotted key, the offending value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+ALGORITHMS = ("finetune", "kd", "metadistil")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names every offending key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    name: str = Field("glue/sst2", description="Hub dataset as 'name' or 'name/config', used when path is null; "
+                      "'synthetic' generates a small, learnable sentiment set offline.")
+    path: str | None = Field(None, description="Local labelled file (tsv/csv/jsonl/json/parquet) or a folder holding "
+                             "train.* and validation.* (and optionally test.*) files. Overrides name.")
+    text_column: str = Field("sentence", description="Column holding the text.")
+    label_column: str = Field("label", description="Column holding integer class labels 0..num_labels-1.")
+    train_size: int = Field(30_000, ge=1, description="Training examples drawn from the train split.")
+    quiz_size: int = Field(100, ge=1, description="Held-out quiz examples (MetaDistil's meta objective), drawn from the "
+                           "train split, disjoint from train and test.")
+    validation_size: int | None = Field(None, ge=1, description="Validation examples; null keeps the whole split.")
+    test_size: int = Field(2_000, ge=0, description="Test examples. Taken from a labelled test split when the data has "
+                           "one, else carved from the train split (disjoint from train and quiz).")
+    max_length: int = Field(128, ge=8, le=4096, description="Tokens per text after truncation; batches pad to their "
+                            "longest text.")
+    split_seed: int | None = Field(None, description="Seed of the split draw; null uses the trial seed.")
+
+
+class ModelConfig(_Section):
+    name: str = Field(..., min_length=1, description="Hugging Face model id, local folder, or 'package:<module>' for a "
+                      "model shipped inside an installed Python package (module.get_model_path()).")
+    tokenizer: str | None = Field(None, description="Tokenizer id or folder; null uses the model's own.")
+    label: str | None = Field(None, description="Short display name used in reports; null derives one from name.")
+
+
+class StudentConfig(ModelConfig):
+    name: str = Field("distilbert-base-uncased", min_length=1, description=ModelConfig.model_fields["name"].description)
+    init_from_teacher: int | None = Field(None, ge=0, description="Index into teachers: build the student from this "
+                                          "teacher's config and copy its embeddings and the layers listed in "
+                                          "init_layers (DistilBERT style). name is then ignored.")
+    init_layers: list[int] | None = Field(None, min_length=1, description="Teacher layer indices copied into the "
+                                          "student, in order (e.g. [0, 2, 4]).")
+
+    @model_validator(mode="after")
+    def _layers_need_teacher(self) -> StudentConfig:
+        if (self.init_layers is None) != (self.init_from_teacher is None):
+            raise ValueError("init_from_teacher and init_layers must be given together")
+        if self.init_layers is not None and (min(self.init_layers) < 0 or len(set(self.init_layers)) != len(self.init_layers)):
+            raise ValueError(f"init_layers must be distinct non-negative layer indices, got {self.init_layers}")
+        return self
+
+
+class DistillConfig(_Section):
+    temperature: float = Field(2.0, gt=0, description="Softmax temperature T of the KL distillation term.")
+    alpha: float = Field(0.5, ge=0, le=1, description="Weight of the distillation term; 1-alpha weighs cross-entropy "
+                         "on the labels. Loss = alpha*T^2*KL(teacher||student) + (1-alpha)*CE.")
+
+
+class MetaDistilConfig(_Section):
+    pilot_lr: float = Field(6e-5, gt=0, description="Step size of the pilot (differentiable SGD) update of the "
+                            "student copy.")
+    teacher_lr: float = Field(6e-5, gt=0, description="AdamW learning rate of the teacher meta-update.")
+    quiz_batch_size: int = Field(16, ge=1, description="Quiz examples per meta step.")
+    meta_interval: int = Field(1, ge=1, description="Meta-update the teachers every k steps; plain KD steps in "
+                               "between (k=1 is the paper).")
+    meta_gradient: Literal["forward_ad", "finite_difference", "double_backward"] = Field(
+        "forward_ad", description="How the teacher's meta-gradient is computed. 'forward_ad': exact, first order, one "
+        "forward-mode Jacobian-vector product of the student. 'finite_difference': that product as a central "
+        "difference of two forwards. 'double_backward': the naive second-order reference through the whole student "
+        "(slower; its models use eager attention).")
+
+
+class WarmupConfig(_Section):
+    epochs: float = Field(0.0, ge=0, description="Epochs (fractions allowed) of plain student fine-tuning on the "
+                          "train split before distillation; 0 = off.")
+
+
+class NoiseSide(_Section):
+    p: float = Field(0.0, ge=0, lt=1, description="Probability that a word is replaced by a noise word.")
+    mode: Literal["vocab", "token"] = Field("vocab", description="'vocab': a random word from the training texts; "
+                                            "'token': the fixed string in token.")
+    token: str = Field("[UNK]", min_length=1, description="The noise word when mode is 'token'.")
+
+
+class NoiseConfig(_Section):
+    teacher: NoiseSide = Field(default_factory=NoiseSide, description="Noise on the teachers' inputs.")
+    student: NoiseSide = Field(default_factory=NoiseSide, description="Noise on the student's inputs.")
+
+
+class OptimConfig(_Section):
+    lr: float = Field(6e-5, gt=0, description="AdamW learning rate of the student.")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay (student and teachers).")
+    batch_size: int = Field(32, ge=1, description="Training examples per step.")
+    epochs: float = Field(3.0, gt=0, description="Training epochs after warm-up (fractions allowed).")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many training steps (after warm-up); "
+                                  "null = run all epochs.")
+    grad_clip: float | None = Field(1.0, gt=0, description="Max gradient norm; null = no clipping.")
+
+
+class DeepSpeedConfig(_Section):
+    enabled: bool = Field(True, description="Wrap the student and trainable teachers with deepspeed.initialize.")
+    zero_stage: int = Field(0, ge=0, le=3, description="ZeRO stage; 3 is refused for metadistil (its meta step "
+                            "needs whole parameters).")
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Training precision; fp16 needs a GPU.")
+    config_path: str | None = Field(None, description="A DeepSpeed JSON file merged over the generated config "
+                                    "(batch sizes and the optimizer stay the trainer's).")
+
+
+class EvalConfig(_Section):
+    every_steps: int = Field(200, ge=1, description="Evaluate on validation every N training steps (and at the end).")
+    batch_size: int = Field(64, ge=1, description="Examples per evaluation batch.")
+
+
+class OutputConfig(_Section):
+    dir: str = Field("runs/trial", min_length=1, description="Folder for the saved student, metrics and config.")
+    save_teachers: bool = Field(False, description="Also save meta-updated teachers (metadistil only).")
+
+
+class TrackingConfig(_Section):
+    mlflow_uri: str | None = Field(None, description="MLflow tracking URI; null reads MLFLOW_TRACKING_URI, and "
+                                   "MLflow is off when neither is set.")
+    experiment: str = Field("metadistil", min_length=1, description="MLflow experiment name.")
+    run_name: str | None = Field(None, description="MLflow run name; null derives one from the config.")
+
+
+class TrialConfig(_Section):
+    seed: int = Field(42, description="Seed of model heads, batch order, dropout, noise and (by default) the splits.")
+    algorithm: Literal[ALGORITHMS] = Field("metadistil", description="finetune | kd | metadistil.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' picks cuda when available.")
+    data: DataConfig = Field(default_factory=DataConfig, description="Dataset and splits.")
+    student: StudentConfig = Field(default_factory=StudentConfig, description="The model being trained.")
+    teachers: list[ModelConfig] = Field(default_factory=list, description="Teacher models; their logits are "
+                                        "averaged before the softmax. Required by kd and metadistil.")
+    distill: DistillConfig = Field(default_factory=DistillConfig, description="Distillation loss (kd, metadistil).")
+    metadistil: MetaDistilConfig = Field(default_factory=MetaDistilConfig, description="Meta-learning settings.")
+    warmup: WarmupConfig = Field(default_factory=WarmupConfig, description="Student fine-tuning before distillation.")
+    noise: NoiseConfig = Field(default_factory=NoiseConfig, description="Word-level input noise.")
+    optim: OptimConfig = Field(default_factory=OptimConfig, description="Optimisation.")
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig, description="DeepSpeed wrapping.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation.")
+    output: OutputConfig = Field(default_factory=OutputConfig, description="Outputs.")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="Experiment tracking.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrialConfig:
+        # Each check raises with the key it concerns so that the message can name it.
+        if self.algorithm == "finetune" and self.teachers:
+            raise _KeyError("teachers", "finetune trains without teachers; remove teachers or choose kd/metadistil")
+        if self.algorithm != "finetune" and not self.teachers:
+            raise _KeyError("teachers", f"algorithm '{self.algorithm}' needs at least one teacher")
+        if self.student.init_from_teacher is not None and self.student.init_from_teacher >= len(self.teachers):
+            raise _KeyError("student.init_from_teacher", f"{self.student.init_from_teacher} is not an index into "
+                            f"teachers (0..{len(self.teachers) - 1})")
+        if self.algorithm == "metadistil" and self.deepspeed.enabled and self.deepspeed.zero_stage == 3:
+            raise _KeyError("deepspeed.zero_stage", "ZeRO-3 partitions parameters, which the meta step needs whole; "
+                            "use 0, 1 or 2 with metadistil")
+        if self.metadistil.quiz_batch_size > self.data.quiz_size and self.algorithm == "metadistil":
+            raise _KeyError("metadistil.quiz_batch_size", f"{self.metadistil.quiz_batch_size} exceeds "
+                            f"data.quiz_size={self.data.quiz_size}")
+        if self.deepspeed.precision == "fp16" and self.device == "cpu":
+            raise _KeyError("deepspeed.precision", "fp16 is not supported on CPU; use fp32 or bf16")
+        return self
+
+
+class _KeyError(ValueError):
+    def __init__(self, key: str, message: str):
+        super().__init__(f"{key}: {message}")
+        self.key = key
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        ctx_err = (e.get("ctx") or {}).get("error")
+        if isinstance(ctx_err, _KeyError):
+            lines.append(str(ctx_err))
+            continue
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            section = _section_of(e["loc"][:-1])
+            allowed = ", ".join(section.model_fields) if section else "?"
+            lines.append(f"{key}: unknown key (allowed here: {allowed})")
+        elif e["type"] == "missing":
+            lines.append(f"{key}: required key is missing")
+        else:
+            lines.append(f"{key or '<root>'}: {msg} (got {e['input']!r})")
+    return "invalid trial config:\n  " + "\n  ".join(lines)
+
+
+def _section_of(loc: tuple) -> type[BaseModel] | None:
+    model: type[BaseModel] | None = TrialConfig
+    for part in loc:
+        if isinstance(part, int) or model is None:
+            continue
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return None
+        ann = field.annotation
+        args = getattr(ann, "__args__", ())
+        candidates = [ann, *args]
+        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+    return model
+
+
+def parse_config(raw: dict[str, Any]) -> TrialConfig:
+    """Validate a plain dict; raise ConfigError naming each offending key."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"invalid trial config: the top level must be a mapping, got {type(raw).__name__}")
+    try:
+        return TrialConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err)) from None
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``dotted.key=value`` overrides (values parsed as YAML) to a copy of ``raw``.
+
+    List items are addressed by index (``teachers.0.name=...``); a whole list can be given as YAML
+    (``student.init_layers=[0,2]``).
+    """
+    out = copy.deepcopy(raw)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected dotted.key=value")
+        value = yaml.safe_load(text) if text else ""
+        node: Any = out
+        parts = key.split(".")
+        for depth, part in enumerate(parts[:-1]):
+            node = _child(node, part, ".".join(parts[: depth + 1]), create=True)
+        last = parts[-1]
+        if isinstance(node, list):
+            index = _index(node, last, key)
+            node[index] = value
+        else:
+            node[last] = value
+    return out
+
+
+def _child(node: Any, part: str, path: str, create: bool) -> Any:
+    if isinstance(node, list):
+        return node[_index(node, part, path)]
+    if not isinstance(node, dict):
+        raise ConfigError(f"override {path}: {path.rsplit('.', 1)[0]} is not a section")
+    if part not in node and create:
+        node[part] = {}
+    return node[part]
+
+
+def _index(node: list, part: str, path: str) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError(f"override {path}: list index {part!r} out of range (the list has {len(node)} items)")
+    return int(part)
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> TrialConfig:
+    """Read a YAML trial config, apply overrides, validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    return parse_config(apply_overrides(raw, overrides or []))
+
+
+def flatten(config: TrialConfig) -> dict[str, Any]:
+    """Stable flat ``section.key`` params for trackers: the same keys for every trial."""
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else k, v)
+        elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            flat[f"{prefix}.count"] = len(value)
+            for i, v in enumerate(value):
+                walk(f"{prefix}.{i}", v)
+        else:
+            flat[prefix] = value
+
+    walk("", config.model_dump(mode="json"))
+    return flat
+
+
+def explain(model: type[BaseModel] = TrialConfig, prefix: str = "") -> list[str]:
+    """One line per key: dotted name, default, help."""
+    lines = []
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        ann = field.annotation
+        sub = next((c for c in (ann, *getattr(ann, "__args__", ())) if isinstance(c, type) and issubclass(c, BaseModel)),
+                   None)
+        if sub is not None and name != "teachers":
+            lines.append(f"{key}: {field.description}")
+            lines.extend(explain(sub, f"{key}."))
+        else:
+            default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
+            lines.append(f"{key} = {default}: {field.description}")
+    if model is TrialConfig:
+        lines.extend(explain(ModelConfig, "teachers[i]."))
+    return lines

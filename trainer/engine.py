@@ -1,0 +1,118 @@
+"""Wrapping trainable models: DeepSpeed engines, or a plain-torch engine with the same surface.
+
+Both expose ``module``, ``__call__`` (forward), ``backward(loss)`` and ``step()`` (optimizer step, then zero grads).
+Gradients computed outside an engine (the meta step works on detached parameter copies) are handed in through
+``apply_gradients``, which backpropagates the surrogate loss sum(<p, g>) whose gradient with respect to p is g.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from trainer.config import ConfigError, DeepSpeedConfig
+
+
+class Engine(Protocol):
+    module: nn.Module
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
+
+    def backward(self, loss: torch.Tensor) -> None: ...
+
+    def step(self) -> None: ...
+
+
+class TorchEngine:
+    """Plain torch with a DeepSpeed engine's surface: used when deepspeed.enabled is false."""
+
+    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float | None):
+        self.module = module
+        self.optimizer = optimizer
+        self.grad_clip = grad_clip
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.module(*args, **kwargs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> None:
+        if self.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def apply_gradients(engine: Engine, grads: Sequence[torch.Tensor]) -> None:
+    """Hand precomputed gradients (in ``module.parameters()`` order) to the engine's own backward."""
+    params = [p for p in engine.module.parameters() if p.requires_grad]
+    surrogate = sum((p * g.detach().to(p.dtype)).sum() for p, g in zip(params, grads, strict=True))
+    engine.backward(surrogate)
+
+
+def deepspeed_config(cfg: DeepSpeedConfig, batch_size: int, grad_clip: float | None) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": batch_size,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": cfg.zero_stage},
+        "steps_per_print": 10**9,
+        "zero_allow_untested_optimizer": True,  # the optimizer is torch's AdamW, passed in, not a fused DeepSpeed one
+        "wall_clock_breakdown": False,
+    }
+    if grad_clip is not None:
+        config["gradient_clipping"] = grad_clip
+    if cfg.precision == "bf16":
+        config["bf16"] = {"enabled": True}
+    if cfg.precision == "fp16":
+        config["fp16"] = {"enabled": True}
+    if cfg.config_path:
+        path = Path(cfg.config_path)
+        if not path.is_file():
+            raise ConfigError(f"deepspeed.config_path: {cfg.config_path!r} does not exist")
+        try:
+            user = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"deepspeed.config_path: {cfg.config_path!r} is not valid JSON: {err}") from None
+        for key in ("optimizer", "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+            user.pop(key, None)  # the trainer owns batch sizes and the optimizer
+        config.update(user)
+    stage = config.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"deepspeed.config_path: zero_optimization.stage must be 0..3, got {stage!r}")
+    return config
+
+
+def _ensure_process_group_env() -> None:
+    """A single process outside any launcher still needs a (world size 1) process group for DeepSpeed."""
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(key, value)
+
+
+def wrap(module: nn.Module, lr: float, weight_decay: float, cfg: DeepSpeedConfig, batch_size: int,
+         grad_clip: float | None) -> Engine:
+    """An AdamW-trained engine for ``module``: DeepSpeed when enabled, else plain torch."""
+    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=lr,
+                                  weight_decay=weight_decay)
+    if not cfg.enabled:
+        return TorchEngine(module, optimizer, grad_clip)
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    import deepspeed
+
+    _ensure_process_group_env()
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer,
+                                      config=deepspeed_config(cfg, batch_size, grad_clip))
+    return engine

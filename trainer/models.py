@@ -1,0 +1,109 @@
+"""Loading teachers and students, building a student from a teacher's layers, counting parameters."""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from trainer.config import ConfigError, ModelConfig
+
+_LAYER_KEY = re.compile(r"\.layer\.(\d+)\.")
+
+
+@dataclass
+class Loaded:
+    model: nn.Module
+    tokenizer: object
+    label: str
+
+
+def resolve_name(name: str) -> str:
+    """'package:<module>' names a model shipped inside an installed package; anything else is passed through."""
+    if not name.startswith("package:"):
+        return name
+    module_name = name.removeprefix("package:")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        raise ConfigError(f"model {name!r}: Python package module {module_name!r} is not installed") from None
+    if not hasattr(module, "get_model_path"):
+        raise ConfigError(f"model {name!r}: module {module_name!r} has no get_model_path()")
+    return str(module.get_model_path())
+
+
+def display_label(spec: ModelConfig) -> str:
+    return spec.label or Path(spec.name.removeprefix("package:").rstrip("/")).name
+
+
+def load_model(spec: ModelConfig, num_labels: int, key: str, attn_implementation: str | None = None) -> Loaded:
+    """Load an AutoModelForSequenceClassification and its tokenizer; ``key`` (e.g. 'teachers[1]') names it in errors."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    name = resolve_name(spec.name)
+    try:
+        config = AutoConfig.from_pretrained(name)
+    except Exception as err:  # hub and filesystem errors come in many types; the user needs the key and the cause
+        raise ConfigError(f"{key}.name: cannot load model {spec.name!r}: {err}") from None
+    is_classifier = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
+    if is_classifier and config.num_labels != num_labels:
+        raise ConfigError(f"{key}.name: {spec.name!r} is a classifier with {config.num_labels} labels but the data "
+                          f"has {num_labels}; all models must agree on the label count")
+    kwargs = {"num_labels": num_labels}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    model = AutoModelForSequenceClassification.from_pretrained(name, **kwargs)
+    tokenizer_name = resolve_name(spec.tokenizer) if spec.tokenizer else name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_name)
+    except Exception as err:
+        raise ConfigError(f"{key}.tokenizer: cannot load tokenizer {tokenizer_name!r}: {err}") from None
+    return Loaded(model, tokenizer, display_label(spec))
+
+
+def layer_count(model: nn.Module) -> int:
+    return int(model.config.num_hidden_layers)
+
+
+def student_from_teacher(teacher: nn.Module, layers: list[int]) -> nn.Module:
+    """A shallower copy of the teacher: its embeddings, head and the listed layers, in order (DistilBERT-style init)."""
+    available = layer_count(teacher)
+    missing = [i for i in layers if i >= available]
+    if missing:
+        raise ConfigError(f"student.init_layers: layers {missing} do not exist; the teacher has {available} "
+                          f"(indices 0..{available - 1})")
+    config = copy.deepcopy(teacher.config)
+    config.num_hidden_layers = len(layers)
+    student = type(teacher)(config)
+    new_index = {old: new for new, old in enumerate(layers)}
+    state = {}
+    for name, tensor in teacher.state_dict().items():
+        match = _LAYER_KEY.search(name)
+        if match is None:
+            state[name] = tensor.clone()
+        elif int(match.group(1)) in new_index:
+            state[_LAYER_KEY.sub(f".layer.{new_index[int(match.group(1))]}.", name, count=1)] = tensor.clone()
+    student.load_state_dict(state, strict=True)
+    return student
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def times_smaller(student_params: int, teacher_params: list[int]) -> float:
+    """The report's Table 1 'times smaller': the average teacher's parameter count over the student's."""
+    return sum(teacher_params) / len(teacher_params) / student_params
+
+
+def pick_device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device: 'cuda' was asked for but no CUDA device is available")
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(choice)
