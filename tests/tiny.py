@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import (BertConfig, BertForSequenceClassification, BertTokenizerFast, DistilBertConfig,
                           DistilBertForSequenceClassification, PreTrainedTokenizerFast, RobertaConfig,
                           RobertaForSequenceClassification, RobertaTokenizerFast)
@@ -22,6 +22,7 @@ def wordpiece_tokenizer(folder: Path, vocab_size: int = 300, lowercase: bool = T
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
     special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     tok.train_from_iterator(corpus(), trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=special))
     tok.post_processor = processors.BertProcessing(("[SEP]", tok.token_to_id("[SEP]")),
@@ -34,6 +35,7 @@ def wordpiece_tokenizer(folder: Path, vocab_size: int = 300, lowercase: bool = T
 def bpe_tokenizer(folder: Path, vocab_size: int = 400) -> RobertaTokenizerFast:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
     special = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
     tok.train_from_iterator(corpus(), trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special,
                                                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))

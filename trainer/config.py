@@ -7,6 +7,7 @@ model or dataset is loaded, and every error names the dotted key, the offending 
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,8 +26,9 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
-    name: str = Field("glue/sst2", description="Hub dataset as 'name' or 'name/config', used when path is null; "
+    name: str = Field("nyu-mll/glue", min_length=1, description="Hugging Face hub dataset, used when path is null; "
                       "'synthetic' generates a small, learnable sentiment set offline.")
+    subset: str | None = Field("sst2", description="Configuration (subset) of the hub dataset; null for none.")
     path: str | None = Field(None, description="Local labelled file (tsv/csv/jsonl/json/parquet) or a folder holding "
                              "train.* and validation.* (and optionally test.*) files. Overrides name.")
     text_column: str = Field("sentence", description="Column holding the text.")
@@ -34,12 +36,14 @@ class DataConfig(_Section):
     train_size: int = Field(30_000, ge=1, description="Training examples drawn from the train split.")
     quiz_size: int = Field(100, ge=1, description="Held-out quiz examples (MetaDistil's meta objective), drawn from the "
                            "train split, disjoint from train and test.")
-    validation_size: int | None = Field(None, ge=1, description="Validation examples; null keeps the whole split.")
+    validation_size: int | None = Field(None, ge=1, description="Validation examples; null keeps the whole split. "
+                                        "Required when the data has no validation split (a single local file): "
+                                        "validation is then carved from train, disjoint from train, quiz and test.")
     test_size: int = Field(2_000, ge=0, description="Test examples. Taken from a labelled test split when the data has "
                            "one, else carved from the train split (disjoint from train and quiz).")
     max_length: int = Field(128, ge=8, le=4096, description="Tokens per text after truncation; batches pad to their "
                             "longest text.")
-    split_seed: int | None = Field(None, description="Seed of the split draw; null uses the trial seed.")
+    split_seed: int | None = Field(None, ge=0, description="Seed of the split draw; null uses the trial seed.")
 
 
 class ModelConfig(_Section):
@@ -51,18 +55,21 @@ class ModelConfig(_Section):
 
 class StudentConfig(ModelConfig):
     name: str = Field("distilbert-base-uncased", min_length=1, description=ModelConfig.model_fields["name"].description)
-    init_from_teacher: int | None = Field(None, ge=0, description="Index into teachers: build the student from this "
-                                          "teacher's config and copy its embeddings and the layers listed in "
-                                          "init_layers (DistilBERT style). name is then ignored.")
-    init_layers: list[int] | None = Field(None, min_length=1, description="Teacher layer indices copied into the "
-                                          "student, in order (e.g. [0, 2, 4]).")
+    init_layers: list[int] | None = Field(None, min_length=1, description="Keep only these layers of the model in "
+                                          "name, in this order (DistilBERT-style initialisation from a deeper model, "
+                                          "e.g. a teacher's checkpoint: name=<teacher folder>, init_layers=[0, 2, 4]); "
+                                          "null keeps every layer.")
 
     @model_validator(mode="after")
-    def _layers_need_teacher(self) -> StudentConfig:
-        if (self.init_layers is None) != (self.init_from_teacher is None):
-            raise ValueError("init_from_teacher and init_layers must be given together")
-        if self.init_layers is not None and (min(self.init_layers) < 0 or len(set(self.init_layers)) != len(self.init_layers)):
-            raise ValueError(f"init_layers must be distinct non-negative layer indices, got {self.init_layers}")
+    def _distinct_layers(self) -> StudentConfig:
+        if self.init_layers is not None:
+            negative = sorted({i for i in self.init_layers if i < 0})
+            repeated = sorted({i for i in self.init_layers if self.init_layers.count(i) > 1})
+            if negative or repeated:
+                # _KeyError (not ValueError) so that the message names student.init_layers, not just "student".
+                raise _KeyError("init_layers", f"must be distinct non-negative layer indices, got {self.init_layers}"
+                                + (f" (negative: {negative})" if negative else "")
+                                + (f" (repeated: {repeated})" if repeated else ""))
         return self
 
 
@@ -82,7 +89,7 @@ class MetaDistilConfig(_Section):
     meta_gradient: Literal["forward_ad", "finite_difference", "double_backward"] = Field(
         "forward_ad", description="How the teacher's meta-gradient is computed. 'forward_ad': exact, first order, one "
         "forward-mode Jacobian-vector product of the student. 'finite_difference': that product as a central "
-        "difference of two forwards. 'double_backward': the naive second-order reference through the whole student "
+        "difference of two forwards (approximate; best with smooth students, ReLU kinks can bias it). 'double_backward': the naive second-order reference through the whole student "
         "(slower; its models use eager attention).")
 
 
@@ -140,7 +147,9 @@ class TrackingConfig(_Section):
 
 
 class TrialConfig(_Section):
-    seed: int = Field(42, description="Seed of model heads, batch order, dropout, noise and (by default) the splits.")
+    # ge=0: numpy's SeedSequence (splits, batch order, noise) rejects negative seeds deep inside a run.
+    seed: int = Field(42, ge=0, description="Seed of model heads, batch order, dropout, noise and (by default) the "
+                      "splits.")
     algorithm: Literal[ALGORITHMS] = Field("metadistil", description="finetune | kd | metadistil.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' picks cuda when available.")
     data: DataConfig = Field(default_factory=DataConfig, description="Dataset and splits.")
@@ -164,9 +173,6 @@ class TrialConfig(_Section):
             raise _KeyError("teachers", "finetune trains without teachers; remove teachers or choose kd/metadistil")
         if self.algorithm != "finetune" and not self.teachers:
             raise _KeyError("teachers", f"algorithm '{self.algorithm}' needs at least one teacher")
-        if self.student.init_from_teacher is not None and self.student.init_from_teacher >= len(self.teachers):
-            raise _KeyError("student.init_from_teacher", f"{self.student.init_from_teacher} is not an index into "
-                            f"teachers (0..{len(self.teachers) - 1})")
         if self.algorithm == "metadistil" and self.deepspeed.enabled and self.deepspeed.zero_stage == 3:
             raise _KeyError("deepspeed.zero_stage", "ZeRO-3 partitions parameters, which the meta step needs whole; "
                             "use 0, 1 or 2 with metadistil")
@@ -179,9 +185,12 @@ class TrialConfig(_Section):
 
 
 class _KeyError(ValueError):
+    """A validator's error about one key, given relative to the model that raises it."""
+
     def __init__(self, key: str, message: str):
         super().__init__(f"{key}: {message}")
         self.key = key
+        self.message = message
 
 
 def _format_errors(err: ValidationError) -> str:
@@ -190,7 +199,8 @@ def _format_errors(err: ValidationError) -> str:
         key = ".".join(str(p) for p in e["loc"])
         ctx_err = (e.get("ctx") or {}).get("error")
         if isinstance(ctx_err, _KeyError):
-            lines.append(str(ctx_err))
+            # the key is relative to the raising model (e.g. StudentConfig): prefix its location ("student")
+            lines.append(f"{key + '.' if key else ''}{ctx_err.key}: {ctx_err.message}")
             continue
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
@@ -235,38 +245,54 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     List items are addressed by index (``teachers.0.name=...``); a whole list can be given as YAML
     (``student.init_layers=[0,2]``).
     """
+    if not isinstance(raw, dict):
+        raise ConfigError(f"invalid trial config: the top level must be a mapping, got {type(raw).__name__}")
     out = copy.deepcopy(raw)
     for item in overrides:
         key, sep, text = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r}: expected dotted.key=value")
-        value = yaml.safe_load(text) if text else ""
-        node: Any = out
+        # "teachers[0].name" (the form some error messages use) means the same as "teachers.0.name"
+        key = re.sub(r"\[(\d+)\]", r".\1", key.strip())
         parts = key.split(".")
+        if not sep or not key or not all(parts):
+            raise ConfigError(f"override {item!r}: expected dotted.key=value (e.g. optim.lr=1e-4)")
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError as err:  # surfaced as a ConfigError naming the key, not a YAML traceback
+            reason = " ".join(str(getattr(err, "problem", None) or err).split())
+            raise ConfigError(f"override {key}: value {text!r} is not valid YAML ({reason})") from None
+        node: Any = out
         for depth, part in enumerate(parts[:-1]):
-            node = _child(node, part, ".".join(parts[: depth + 1]), create=True)
+            node = _child(node, part, key, ".".join(parts[: depth + 1]), parts[depth + 1])
         last = parts[-1]
         if isinstance(node, list):
-            index = _index(node, last, key)
-            node[index] = value
-        else:
+            node[_index(node, last, key, ".".join(parts[:-1]))] = value
+        elif isinstance(node, dict):
             node[last] = value
+        else:  # e.g. "seed.x=1": assigning into a scalar used to raise a bare TypeError
+            raise ConfigError(f"override {key}: {'.'.join(parts[:-1])} is a value ({node!r}), not a section")
     return out
 
 
-def _child(node: Any, part: str, path: str, create: bool) -> Any:
+def _child(node: Any, part: str, key: str, path: str, next_part: str) -> Any:
+    """Step into ``part`` of ``node`` for the override ``key``; ``path`` is the dotted path up to and with part."""
+    parent = path.rpartition(".")[0]
     if isinstance(node, list):
-        return node[_index(node, part, path)]
+        return node[_index(node, part, key, parent)]
     if not isinstance(node, dict):
-        raise ConfigError(f"override {path}: {path.rsplit('.', 1)[0]} is not a section")
-    if part not in node and create:
+        raise ConfigError(f"override {key}: {parent} is a value ({node!r}), not a section")
+    if part not in node or node[part] is None:
+        if next_part.isdigit():
+            # an index into a list that does not exist: creating {"0": ...} would fail later, far less clearly
+            raise ConfigError(f"override {key}: {path} has no items to index; give the whole list as YAML, "
+                              f"e.g. {path}=[{{name: ...}}]")
         node[part] = {}
     return node[part]
 
 
-def _index(node: list, part: str, path: str) -> int:
+def _index(node: list, part: str, key: str, path: str) -> int:
     if not part.isdigit() or int(part) >= len(node):
-        raise ConfigError(f"override {path}: list index {part!r} out of range (the list has {len(node)} items)")
+        allowed = f"0..{len(node) - 1}" if node else "none, the list is empty"
+        raise ConfigError(f"override {key}: {part!r} is not an index into {path} (allowed: {allowed})")
     return int(part)
 
 
@@ -279,6 +305,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> TrialCo
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):  # checked before overrides, which would otherwise fail obscurely on a list
+        raise ConfigError(f"{path}: the top level must be a mapping of config keys, got {type(raw).__name__}")
     return parse_config(apply_overrides(raw, overrides or []))
 
 
@@ -290,7 +318,8 @@ def flatten(config: TrialConfig) -> dict[str, Any]:
         if isinstance(value, dict):
             for k, v in value.items():
                 walk(f"{prefix}.{k}" if prefix else k, v)
-        elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        # teachers always flatten to teachers.count (+ items): an empty list used to give a lone "teachers" key
+        elif isinstance(value, list) and (prefix == "teachers" or value and all(isinstance(v, dict) for v in value)):
             flat[f"{prefix}.count"] = len(value)
             for i, v in enumerate(value):
                 walk(f"{prefix}.{i}", v)
@@ -316,5 +345,6 @@ def explain(model: type[BaseModel] = TrialConfig, prefix: str = "") -> list[str]
             default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
             lines.append(f"{key} = {default}: {field.description}")
     if model is TrialConfig:
-        lines.extend(explain(ModelConfig, "teachers[i]."))
+        # list items are named with dotted indices everywhere (errors, overrides, flatten): teachers.0.name
+        lines.extend(explain(ModelConfig, "teachers.<i>."))
     return lines

@@ -57,8 +57,8 @@ def _run(cfg: TrialConfig, log: Loggers, progress: bool, on_eval) -> TrialResult
     device = pick_device(cfg.device)
     splits = load_splits(cfg.data, cfg.seed)
     attn = "eager" if cfg.algorithm == "metadistil" and cfg.metadistil.meta_gradient == "double_backward" else None
-    teachers = [load_model(spec, splits.num_labels, f"teachers[{i}]", attn) for i, spec in enumerate(cfg.teachers)]
-    student = _load_student(cfg, teachers, splits.num_labels, attn)
+    teachers = [load_model(spec, splits.num_labels, f"teachers.{i}", attn) for i, spec in enumerate(cfg.teachers)]
+    student = _load_student(cfg, splits.num_labels, attn)
     collate = Collator.for_training(student.tokenizer, [t.tokenizer for t in teachers], cfg.data.max_length,
                                     cfg.noise, cfg.seed, splits.train)
     sizes = _model_sizes(student, teachers)
@@ -156,13 +156,11 @@ def _build_algorithm(cfg: TrialConfig, student_engine, teachers: list[Loaded], s
     return MetaDistil(student_engine, engines, cfg.distill, cfg.metadistil, quiz, timer)
 
 
-def _load_student(cfg: TrialConfig, teachers: list[Loaded], num_labels: int, attn: str | None) -> Loaded:
-    spec = cfg.student
-    if spec.init_from_teacher is None:
-        return load_model(spec, num_labels, "student", attn)
-    source = teachers[spec.init_from_teacher]
-    label = spec.label or f"{source.label}-L{len(spec.init_layers)}"
-    return Loaded(student_from_teacher(source.model, spec.init_layers), source.tokenizer, label)
+def _load_student(cfg: TrialConfig, num_labels: int, attn: str | None) -> Loaded:
+    student = load_model(cfg.student, num_labels, "student", attn)
+    if cfg.student.init_layers:
+        student.model = student_from_teacher(student.model, cfg.student.init_layers)
+    return student
 
 
 def _model_sizes(student: Loaded, teachers: list[Loaded]) -> dict[str, float]:

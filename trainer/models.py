@@ -30,8 +30,14 @@ def resolve_name(name: str) -> str:
     module_name = name.removeprefix("package:")
     try:
         module = importlib.import_module(module_name)
-    except ImportError:
+    except ModuleNotFoundError as err:
+        # only the named module (or a parent package) missing means "not installed"; a missing dependency inside it
+        # is a different problem and used to be reported as this one
+        if err.name is None or not (module_name == err.name or module_name.startswith(err.name + ".")):
+            raise ConfigError(f"model {name!r}: importing {module_name!r} failed: {err}") from None
         raise ConfigError(f"model {name!r}: Python package module {module_name!r} is not installed") from None
+    except ImportError as err:
+        raise ConfigError(f"model {name!r}: importing {module_name!r} failed: {err}") from None
     if not hasattr(module, "get_model_path"):
         raise ConfigError(f"model {name!r}: module {module_name!r} has no get_model_path()")
     return str(module.get_model_path())
@@ -73,13 +79,17 @@ def layer_count(model: nn.Module) -> int:
 def student_from_teacher(teacher: nn.Module, layers: list[int]) -> nn.Module:
     """A shallower copy of the teacher: its embeddings, head and the listed layers, in order (DistilBERT-style init)."""
     available = layer_count(teacher)
-    missing = [i for i in layers if i >= available]
+    # negative indices used to slip through and fail later as a strict load_state_dict error; repeats likewise
+    missing = [i for i in layers if i < 0 or i >= available]
     if missing:
         raise ConfigError(f"student.init_layers: layers {missing} do not exist; the teacher has {available} "
                           f"(indices 0..{available - 1})")
+    if not layers or len(set(layers)) != len(layers):
+        raise ConfigError(f"student.init_layers: must be a non-empty list of distinct layer indices, got {layers}")
     config = copy.deepcopy(teacher.config)
     config.num_hidden_layers = len(layers)
-    student = type(teacher)(config)
+    # built in the teacher's dtype: a float32 default would silently round a float64/bf16 teacher's copied weights
+    student = type(teacher)(config).to(next(teacher.parameters()).dtype)
     new_index = {old: new for new, old in enumerate(layers)}
     state = {}
     for name, tensor in teacher.state_dict().items():
