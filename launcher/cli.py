@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections import Counter
+from pathlib import Path
 
 from trainer.config import ConfigError, explain, load_config
 
@@ -35,6 +37,65 @@ def _explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    from launcher.spec import expand, load_spec
+
+    spec, base = load_spec(args.spec)
+    plan = expand(spec, base)
+    if args.dry_run:
+        print(format_plan(plan))
+        return 0
+    from launcher.driver import run_sweep
+
+    result = run_sweep(plan, resume=args.resume)
+    print(f"sweep {spec.name}: {len(result.finished)} trials ran, {len(result.skipped)} already finished, "
+          f"{len(result.failed)} failed; MLflow parent run {result.parent_run_id} at {result.tracking_uri}")
+    for trial, error in result.failed.items():
+        print(f"  FAILED {trial}: {error.splitlines()[0][:300]}")
+    if not args.no_report:
+        from launcher.report import build_report
+
+        report = build_report(result.tracking_uri, spec.name, Path(f"runs/reports/{spec.name}"),
+                              experiment=plan.trials[0].config.tracking.experiment if plan.trials else "metadistil")
+        print(f"\n{report.markdown}\nwrote {report.csv_path} and {report.png_path}")
+    return 1 if result.failed else 0
+
+
+def format_plan(plan) -> str:
+    from launcher.driver import teacher_cached
+
+    lines = [f"sweep {plan.spec.name}: {len(plan.teacher_trials)} teacher fine-tuning trials, {len(plan.trials)} "
+             f"trials, {len(plan.dropped)} combinations dropped (config hash {plan.config_hash})"]
+    for t in plan.teacher_trials.values():
+        state = "cached" if teacher_cached(t) else "to fine-tune"
+        lines.append(f"  teacher  {t.id:<40} {t.config.student.name} -> {t.config.output.dir} ({state})")
+    header = f"  {'#':>3} {'algorithm':<10} {'teachers':<22} {'student':<12} {'warmup':>6} {'noise':<10} {'seed':>5}"
+    lines.append(header)
+    for i, t in enumerate(plan.trials):
+        a = t.axes
+        lines.append(f"  {i:>3} {a['algorithm']:<10} {'+'.join(t.teachers) or '-':<22} {a['student']:<12} "
+                     f"{a['warmup']:>6g} {a['noise']:<10} {a['seed']:>5}")
+    reasons = Counter(reason for _, reason in plan.dropped)
+    lines += [f"  dropped {n} combination(s) {reason}" for reason, n in sorted(reasons.items())]
+    return "\n".join(lines)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from launcher.report import ReportError, build_report
+    from launcher.runs import resolve_uri
+
+    out = Path(args.out or f"runs/reports/{args.sweep}")
+    try:
+        report = build_report(resolve_uri(args.tracking_uri), args.sweep, out, experiment=args.experiment,
+                              attach=not args.no_attach)
+    except ReportError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(report.markdown)
+    print(f"\nwrote {report.csv_path} and {report.png_path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="metadistil", description="Knowledge-distillation experiments: "
                                      "MetaDistil, KD and fine-tuning trials and sweeps.")
@@ -46,6 +107,19 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
     sub.choices["train"].add_argument("--no-progress", action="store_true", help="hide the progress bar")
     sub.add_parser("explain", help="list every config key with its default and help").set_defaults(func=_explain)
+    sweep = sub.add_parser("sweep", help="run a grid of trials on Ray Tune, tracked in MLflow")
+    sweep.add_argument("spec", help="sweep spec YAML")
+    sweep.add_argument("--dry-run", action="store_true", help="expand and validate the grid, start nothing")
+    sweep.add_argument("--resume", action="store_true", help="finish only the trials that did not finish")
+    sweep.add_argument("--no-report", action="store_true", help="skip the Table 1 report at the end")
+    sweep.set_defaults(func=_sweep)
+    report = sub.add_parser("report", help="rebuild the report's Table 1 for a sweep from MLflow")
+    report.add_argument("--sweep", required=True, help="sweep name (the spec's name)")
+    report.add_argument("--out", help="folder for the CSV and PNG (default runs/reports/<sweep>)")
+    report.add_argument("--tracking-uri", help="MLflow URI (default MLFLOW_TRACKING_URI, else ./mlflow.db)")
+    report.add_argument("--experiment", default="metadistil", help="MLflow experiment of the sweep")
+    report.add_argument("--no-attach", action="store_true", help="do not attach the files to the sweep's run")
+    report.set_defaults(func=_report)
     return parser
 
 

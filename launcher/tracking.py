@@ -24,18 +24,30 @@ def tracking_uri(configured: str | None) -> str | None:
     return configured or os.environ.get("MLFLOW_TRACKING_URI") or None
 
 
+def experiment_id(client, name: str) -> str:
+    found = client.get_experiment_by_name(name)
+    return found.experiment_id if found else client.create_experiment(name)
+
+
 class MLflowLogger:
+    """Logs one trial to one MLflow run: a new run, or an existing one (``run_id``) when a trial is retried."""
+
     def __init__(self, uri: str, experiment: str, run_name: str | None = None, parent_run_id: str | None = None,
-                 tags: dict[str, str] | None = None):
+                 tags: dict[str, str] | None = None, run_id: str | None = None):
         from mlflow.tracking import MlflowClient
 
         self.client = MlflowClient(uri)
-        found = self.client.get_experiment_by_name(experiment)
-        experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
-        all_tags = dict(tags or {})
+        all_tags = {k: redact(k, v) for k, v in (tags or {}).items()}
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
-        self.run_id = self.client.create_run(experiment_id, run_name=run_name, tags=all_tags).info.run_id
+        if run_id:
+            self.run_id = run_id
+            self.client.update_run(run_id, status="RUNNING")
+            for key, value in all_tags.items():
+                self.client.set_tag(run_id, key, value)
+            return
+        self.run_id = self.client.create_run(experiment_id(self.client, experiment), run_name=run_name,
+                                             tags=all_tags).info.run_id
 
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param

@@ -44,6 +44,9 @@ class DataConfig(_Section):
     max_length: int = Field(128, ge=8, le=4096, description="Tokens per text after truncation; batches pad to their "
                             "longest text.")
     split_seed: int | None = Field(None, ge=0, description="Seed of the split draw; null uses the trial seed.")
+    train_subset_seed: int | None = Field(None, ge=0, description="Draw the train examples from the pool left after "
+                                          "test, quiz and carved validation with this seed (teachers fine-tuned on "
+                                          "different subsets); null takes the split draw's next train_size examples.")
 
 
 class ModelConfig(_Section):

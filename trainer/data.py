@@ -73,7 +73,10 @@ def load_splits(cfg: DataConfig, seed: int) -> Splits:
         validation = raw["validation"]
         if cfg.validation_size is not None:
             validation = validation.take(rng.permutation(len(validation))[: cfg.validation_size])
-    train = source.take(order[start: needed])
+    pool = order[start:]
+    if cfg.train_subset_seed is not None:
+        pool = np.random.default_rng([cfg.train_subset_seed, 1]).permutation(pool)
+    train = source.take(pool[: cfg.train_size])
     all_labels = [lab for part in (train, quiz, validation, test) for lab in part.labels]
     if min(all_labels) < 0:
         raise ConfigError(f"data.label_column: labels must be integers >= 0, found {min(all_labels)}")

@@ -82,6 +82,15 @@ def test_splits_are_deterministic_for_a_seed(folder):
     assert c.train == d.train and c.quiz == d.quiz and c.test == d.test
 
 
+def test_train_subset_seed_changes_only_the_train_examples(folder):
+    base = DataConfig(path=str(folder), train_size=30, quiz_size=10, test_size=10)
+    a = load_splits(base, seed=5)
+    b = load_splits(base.model_copy(update={"train_subset_seed": 1}), seed=5)
+    assert a.quiz.texts == b.quiz.texts and a.test.texts == b.test.texts and a.validation.texts == b.validation.texts
+    assert len(b.train) == 30 and set(a.train.texts) != set(b.train.texts)
+    assert not set(b.train.texts) & (set(b.quiz.texts) | set(b.test.texts))
+
+
 def test_different_split_seed_gives_different_splits(folder):
     a, b = load_splits(cfg(folder, split_seed=1), seed=0), load_splits(cfg(folder, split_seed=2), seed=0)
     assert set(a.quiz.texts) != set(b.quiz.texts)

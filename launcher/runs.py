@@ -1,0 +1,91 @@
+"""MLflow bookkeeping of a sweep: one parent run per sweep, one child run per trial, found again on retry/resume."""
+
+from __future__ import annotations
+
+import subprocess
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from launcher.tracking import experiment_id, tracking_uri
+from trainer.config import ConfigError
+
+ROLE, SWEEP, TRIAL_ID, CONFIG_HASH = "metadistil.role", "metadistil.sweep", "metadistil.trial_id", \
+    "metadistil.config_hash"
+
+
+def resolve_uri(configured: str | None) -> str:
+    """The configured or MLFLOW_TRACKING_URI server, else an embedded SQLite database in the working folder."""
+    return tracking_uri(configured) or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Refuse to start a sweep whose tracking server does not answer, naming the URI, before any trial runs."""
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as reply:
+                if reply.status != 200:
+                    raise OSError(f"HTTP {reply.status}")
+        except (OSError, urllib.error.URLError) as err:
+            raise ConfigError(f"MLflow tracking server {uri} is unreachable ({err}); start it or set "
+                              f"MLFLOW_TRACKING_URI") from None
+    elif uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).parent)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def parent_run(uri: str, experiment: str, sweep: str, config_hash: str, resume: bool) -> str:
+    """The sweep's parent run: on resume the latest one with the same name and config hash, else a new one."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = experiment_id(client, experiment)
+    if resume:
+        found = client.search_runs([exp], f"tags.`{SWEEP}` = '{sweep}' and tags.`{CONFIG_HASH}` = '{config_hash}' "
+                                   f"and tags.`{ROLE}` = 'sweep'", order_by=["attributes.start_time DESC"],
+                                   max_results=1)
+        if found:
+            client.update_run(found[0].info.run_id, status="RUNNING")
+            return found[0].info.run_id
+    tags = {SWEEP: sweep, ROLE: "sweep", CONFIG_HASH: config_hash}
+    commit = git_commit()
+    if commit:
+        tags["metadistil.git_commit"] = commit
+    return client.create_run(exp, run_name=sweep, tags=tags).info.run_id
+
+
+def child_run(uri: str, experiment: str, parent_id: str, trial: str) -> str | None:
+    """The run already logged for this trial under this parent (a retry or a resume reattaches to it)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    found = client.search_runs([experiment_id(client, experiment)],
+                               f"tags.`mlflow.parentRunId` = '{parent_id}' and tags.`{TRIAL_ID}` = '{trial}'",
+                               max_results=2)
+    return found[0].info.run_id if found else None
+
+
+def finished_trials(uri: str, experiment: str, parent_id: str) -> set[str]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    runs = client.search_runs([experiment_id(client, experiment)],
+                              f"tags.`mlflow.parentRunId` = '{parent_id}' and attributes.status = 'FINISHED'",
+                              max_results=10_000)
+    return {r.data.tags[TRIAL_ID] for r in runs if TRIAL_ID in r.data.tags}
+
+
+def end_parent(uri: str, parent_id: str, failed: int) -> None:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    client.set_tag(parent_id, "metadistil.failed_trials", str(failed))
+    client.set_terminated(parent_id, "FINISHED" if failed == 0 else "FAILED")

@@ -1,0 +1,272 @@
+"""The sweep spec: a base trial config plus grid axes, expanded by rule into validated trial configs.
+
+Axes: teacher sets, students, warm-up epochs, noise settings, algorithms, seeds, and any other trial key (``extra``).
+Combinations that mean nothing are dropped by rule: finetune has no teachers, and warm-up and noise variants apply to
+the distillation algorithms only. ``include`` adds combinations, ``exclude`` removes them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from trainer.config import (ALGORITHMS, ConfigError, NoiseConfig, StudentConfig, TrialConfig, apply_overrides,
+                            parse_config)
+
+AXES = ("algorithm", "teacher_set", "student", "warmup", "noise", "seed")
+_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class FinetuneRecipe(_Section):
+    model: str = Field(..., min_length=1, description="Model to fine-tune into a teacher (hub id, folder, package:).")
+    seed: int = Field(42, ge=0, description="Seed of the head initialisation and batch order.")
+    train_subset_seed: int | None = Field(None, ge=0, description="Draw the teacher's training examples from the "
+                                          "train pool with this seed (BERT vs BERT2: same model, different subsets); "
+                                          "null trains on the students' own training examples.")
+    overrides: dict[str, Any] = Field(default_factory=dict, description="Dotted trial keys for the fine-tuning "
+                                      "trial, e.g. {optim.lr: 5e-5, optim.max_steps: 500}.")
+
+
+class TeacherRecipe(_Section):
+    checkpoint: str | None = Field(None, description="A ready teacher: hub id, folder or package:<module>.")
+    finetune: FinetuneRecipe | None = Field(None, description="Fine-tune a teacher in the sweep's first stage; "
+                                            "cached by the content of the recipe.")
+    tokenizer: str | None = Field(None, description="Tokenizer, if not the model's own.")
+    label: str | None = Field(None, description="Display name in reports; null uses the teacher's key.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TeacherRecipe:
+        if (self.checkpoint is None) == (self.finetune is None):
+            raise ValueError("give exactly one of checkpoint or finetune")
+        return self
+
+
+class GridSpec(_Section):
+    algorithm: list[Literal[ALGORITHMS]] = Field(list(ALGORITHMS), min_length=1, description="Algorithms.")
+    teacher_set: list[str] | None = Field(None, description="Teacher-set names; null = all of teacher_sets.")
+    student: list[str] | None = Field(None, description="Student names; null = all of students.")
+    warmup: list[float] = Field([0.0], min_length=1, description="Warm-up epochs (distillation algorithms only).")
+    noise: list[str] | None = Field(None, min_length=1, description="Noise setting names (distillation only); "
+                                    "null = no noise.")
+    seed: list[int] = Field([42], min_length=1, description="Trial seeds.")
+    extra: dict[str, list[Any]] = Field(default_factory=dict, description="Any other dotted trial key and its values.")
+
+
+class ResourceSpec(_Section):
+    cpus: float = Field(1.0, gt=0, description="CPUs per trial worker.")
+    gpus: float = Field(0.0, ge=0, description="GPUs per trial worker.")
+    workers: int = Field(1, ge=1, description="Data-parallel workers per trial (Ray Train when > 1).")
+
+
+class SweepSpec(_Section):
+    name: str = Field(..., pattern=_NAME, description="Sweep name: MLflow parent run, Ray experiment folder.")
+    base: dict[str, Any] | str = Field(default_factory=dict, description="Base trial config: a mapping, or a trial "
+                                       "YAML path relative to the spec file.")
+    teachers: dict[str, TeacherRecipe] = Field(default_factory=dict, description="Teachers by name.")
+    teacher_sets: dict[str, list[str]] = Field(default_factory=dict, description="Named lists of teacher names.")
+    students: dict[str, StudentConfig] = Field(..., min_length=1, description="Students by name.")
+    noise: dict[str, NoiseConfig] = Field(default_factory=lambda: {"off": NoiseConfig()},
+                                          description="Named noise settings.")
+    grid: GridSpec = Field(default_factory=GridSpec, description="The axes.")
+    include: list[dict[str, Any]] = Field(default_factory=list, description="Extra combinations (axis: value).")
+    exclude: list[dict[str, Any]] = Field(default_factory=list, description="Combinations to drop; a partial "
+                                          "mapping drops every combination that matches it.")
+    resources: ResourceSpec = Field(default_factory=ResourceSpec, description="Resources per trial.")
+    max_concurrent_trials: int | None = Field(None, ge=1, description="Trials at once; null = as resources allow.")
+    max_failures: int = Field(1, ge=0, description="Retries of a failed trial (from its last checkpoint).")
+    storage_path: str = Field("runs/sweeps", description="Sweep results, checkpoints and the teacher cache: a "
+                              "local folder or a shared path/URI on a cluster.")
+
+    @model_validator(mode="after")
+    def _references(self) -> SweepSpec:
+        for set_name, members in self.teacher_sets.items():
+            unknown = [m for m in members if m not in self.teachers]
+            if unknown or not members:
+                raise ValueError(f"teacher_sets.{set_name}: unknown teachers {unknown} (defined: "
+                                 f"{', '.join(self.teachers)})" if unknown else f"teacher_sets.{set_name}: empty")
+        for axis, names, defined in (("teacher_set", self.grid.teacher_set, self.teacher_sets),
+                                     ("student", self.grid.student, self.students),
+                                     ("noise", self.grid.noise, self.noise)):
+            unknown = [n for n in names or [] if n not in defined]
+            if unknown:
+                raise ValueError(f"grid.{axis}: unknown names {unknown} (defined: {', '.join(defined)})")
+        distills = any(a != "finetune" for a in self.grid.algorithm)
+        if distills and not self.teacher_sets:
+            raise ValueError("teacher_sets: kd and metadistil need at least one teacher set")
+        for i, combo in enumerate(self.include + self.exclude):
+            unknown = [k for k in combo if k not in AXES and k not in self.grid.extra]
+            if unknown:
+                raise ValueError(f"include/exclude item {i}: unknown axes {unknown} (axes: {', '.join(AXES)})")
+        return self
+
+
+@dataclass
+class Trial:
+    id: str
+    axes: dict[str, Any]
+    config: TrialConfig
+    teachers: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Plan:
+    spec: SweepSpec
+    teacher_trials: dict[str, Trial]  # teacher name -> its fine-tuning trial (recipes with finetune only)
+    trials: list[Trial]
+    dropped: list[tuple[dict[str, Any], str]]  # (combination, reason)
+
+    @property
+    def config_hash(self) -> str:
+        payload = [t.config.model_dump(mode="json") for t in [*self.teacher_trials.values(), *self.trials]]
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def load_spec(path: str | Path) -> tuple[SweepSpec, dict[str, Any]]:
+    """Read and validate a sweep spec; return it with its resolved base trial mapping."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"sweep spec not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+        spec = SweepSpec.model_validate(raw)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    except ValidationError as err:
+        lines = [f"{'.'.join(map(str, e['loc'])) or '<root>'}: {e['msg'].removeprefix('Value error, ')}"
+                 for e in err.errors()]
+        raise ConfigError(f"invalid sweep spec {path}:\n  " + "\n  ".join(lines)) from None
+    base = spec.base
+    if isinstance(base, str):
+        base_path = (path.parent / base).resolve()
+        if not base_path.is_file():
+            raise ConfigError(f"base: trial config {base_path} not found")
+        base = yaml.safe_load(base_path.read_text()) or {}
+    return spec, base
+
+
+def expand(spec: SweepSpec, base: dict[str, Any]) -> Plan:
+    """Every trial of the grid, validated; teacher fine-tuning trials first.
+
+    Local paths become absolute: Tune runs each trial in its own working folder, and on a cluster only absolute
+    paths on shared storage mean the same thing on every node.
+    """
+    spec = spec.model_copy(update={"storage_path": _absolute(spec.storage_path, must_exist=False)})
+    base = apply_overrides(base, [])
+    if base.get("data", {}).get("path"):
+        base["data"]["path"] = _absolute(base["data"]["path"])
+    storage = Path(spec.storage_path)
+    teacher_trials = {name: _teacher_trial(name, recipe, base, storage)
+                      for name, recipe in spec.teachers.items() if recipe.finetune}
+    g = spec.grid
+    axes_values = {"algorithm": g.algorithm, "teacher_set": g.teacher_set or list(spec.teacher_sets),
+                   "student": g.student or list(spec.students), "warmup": g.warmup, "noise": g.noise or [_off_name(spec)],
+                   "seed": g.seed, **g.extra}
+    grid = [dict(zip(axes_values, values)) for values in itertools.product(*axes_values.values())]
+    included = [c for c in spec.include if c not in grid]
+    trials: dict[str, Trial] = {}
+    dropped: list[tuple[dict[str, Any], str]] = []
+    for combo, explicit in [(c, False) for c in grid] + [(c, True) for c in included]:
+        combo = _normalise(combo, spec)
+        # an explicit include wins over exclude patterns
+        reason = None if explicit else next((f"excluded by {ex}" for ex in spec.exclude if _matches(combo, ex)), None)
+        if reason:
+            dropped.append((combo, reason))
+            continue
+        trial = _trial(combo, spec, base, teacher_trials)
+        if trial.id in trials:
+            continue  # a rule collapsed it onto an earlier combination
+        trials[trial.id] = trial
+    return Plan(spec, teacher_trials, list(trials.values()), dropped)
+
+
+def _normalise(combo: dict[str, Any], spec: SweepSpec) -> dict[str, Any]:
+    """Apply the rules that make combinations meaningful (finetune: no teachers, no warm-up, no noise)."""
+    combo = dict(combo)
+    if combo.get("algorithm") == "finetune":
+        combo.update(teacher_set=None, warmup=0.0, noise=_off_name(spec))
+    combo.setdefault("warmup", 0.0)
+    combo.setdefault("noise", _off_name(spec))
+    combo.setdefault("seed", spec.grid.seed[0])
+    return combo
+
+
+def _off_name(spec: SweepSpec) -> str:
+    """The name of the spec's no-noise setting ('off' when it defines none)."""
+    return next((n for n, cfg in spec.noise.items() if cfg == NoiseConfig()), "off")
+
+
+def _matches(combo: dict[str, Any], pattern: dict[str, Any]) -> bool:
+    return all(combo.get(k) == v for k, v in pattern.items())
+
+
+def trial_id(combo: dict[str, Any]) -> str:
+    parts = [combo["algorithm"], combo.get("teacher_set") or "none", combo["student"], f"w{combo['warmup']:g}",
+             combo["noise"], f"s{combo['seed']}"]
+    parts += [f"{k}={combo[k]}" for k in sorted(combo) if k not in AXES]
+    return "__".join(str(p) for p in parts)
+
+
+def _trial(combo: dict[str, Any], spec: SweepSpec, base: dict[str, Any], teacher_trials: dict[str, Trial]) -> Trial:
+    tid = trial_id(combo)
+    members = spec.teacher_sets[combo["teacher_set"]] if combo.get("teacher_set") else []
+    raw = apply_overrides(base, [])
+    raw.update(algorithm=combo["algorithm"], seed=combo["seed"])
+    raw["student"] = spec.students[combo["student"]].model_dump(exclude_none=True)
+    raw["student"]["name"] = _absolute(raw["student"]["name"])
+    raw["teachers"] = [_teacher_model(name, spec.teachers[name], teacher_trials) for name in members]
+    raw["warmup"] = {"epochs": combo["warmup"]}
+    if combo["noise"] not in spec.noise and combo["noise"] != _off_name(spec):
+        raise ConfigError(f"include: noise {combo['noise']!r} is not defined in noise ({', '.join(spec.noise)})")
+    raw["noise"] = spec.noise.get(combo["noise"], NoiseConfig()).model_dump()
+    raw = apply_overrides(raw, [f"{k}={json.dumps(v)}" for k, v in combo.items() if k not in AXES])
+    raw.setdefault("output", {})["dir"] = str(Path(spec.storage_path) / spec.name / "trials" / tid)
+    return Trial(tid, combo, _validated(raw, tid), members)
+
+
+def _teacher_model(name: str, recipe: TeacherRecipe, teacher_trials: dict[str, Trial]) -> dict[str, Any]:
+    source = _absolute(recipe.checkpoint) if recipe.checkpoint else \
+        str(Path(teacher_trials[name].config.output.dir) / "student")
+    return {k: v for k, v in {"name": source, "tokenizer": recipe.tokenizer, "label": recipe.label or name}.items()
+            if v is not None}
+
+
+def _teacher_trial(name: str, recipe: TeacherRecipe, base: dict[str, Any], storage: Path) -> Trial:
+    ft = recipe.finetune
+    raw = apply_overrides(base, [])
+    for key in ("teachers", "warmup", "noise", "metadistil", "distill"):
+        raw.pop(key, None)
+    raw.update(algorithm="finetune", seed=ft.seed,
+               student={"name": _absolute(ft.model), **({"tokenizer": recipe.tokenizer} if recipe.tokenizer else {}),
+                        "label": recipe.label or name})
+    raw.setdefault("data", {})["train_subset_seed"] = ft.train_subset_seed
+    raw = apply_overrides(raw, [f"{k}={json.dumps(v)}" for k, v in ft.overrides.items()])
+    raw.pop("output", None)
+    raw.pop("tracking", None)
+    digest = hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    raw["output"] = {"dir": str(storage / "teachers" / f"{name}-{digest}")}
+    return Trial(f"teacher__{name}", {"stage": "teacher", "teacher": name}, _validated(raw, f"teachers.{name}"))
+
+
+def _absolute(value: str, must_exist: bool = True) -> str:
+    """An existing local path (or, with must_exist=False, any non-URI path) made absolute; anything else as is."""
+    if "://" in value or value.startswith("package:") or (must_exist and not Path(value).exists()):
+        return value
+    return str(Path(value).resolve())
+
+
+def _validated(raw: dict[str, Any], where: str) -> TrialConfig:
+    try:
+        return parse_config(raw)
+    except ConfigError as err:
+        raise ConfigError(f"trial {where}: {err}") from None

@@ -1,0 +1,249 @@
+"""launcher.report: Table 1 rebuilt from a fake sweep in a temporary SQLite MLflow store."""
+
+from __future__ import annotations
+
+import csv
+import itertools
+
+import numpy as np
+import pytest
+
+from launcher.report import BLOCKS, CSV_COLUMNS, ReportError, build_report
+
+SWEEP = "paper"
+DISTILBERT, TINYBERT = 66955010, 14350874  # the report's parameter counts
+PARAMS = {"BERT": 109483778, "BERT2": 109483778, "RoBERTa": 124647170}
+TEACHER_ACC = {"BERT": 0.938, "BERT2": 0.941, "RoBERTa": 0.9295}
+STUDENTS = {"DistilBERT": DISTILBERT, "TinyBERT": TINYBERT}
+SETS = {"none": [], "bert": ["BERT"], "roberta": ["RoBERTa"], "bert_roberta": ["BERT", "RoBERTa"],
+        "bert_bert2": ["BERT", "BERT2"]}
+OOM = "CUDA out of memory: tried to allocate 2.00 GiB | pipe in the message"
+NAN = "NonFiniteLossError: train step 12: loss kd=nan is not finite"
+
+# (algorithm, teacher set, student, warm-up, noise, seeds, base accuracy, {seed: error of a FAILED run})
+CELLS = [
+    ("finetune", "none", "DistilBERT", "0", "off", [1, 2, 3], 0.9265, {}),
+    ("finetune", "none", "TinyBERT", "0", "off", [1, 2, 3], 0.8995, {}),
+    ("kd", "bert", "DistilBERT", "0", "off", [1, 2, 3], 0.931, {}),
+    ("kd", "bert", "TinyBERT", "0", "off", [1, 2], 0.9165, {}),
+    ("kd", "roberta", "DistilBERT", "0", "off", [1, 2, 3], 0.815, {3: OOM}),
+    ("kd", "bert_roberta", "DistilBERT", "0", "off", [1, 2], 0.90, {}),
+    ("metadistil", "bert", "DistilBERT", "0", "off", [1, 2, 3], 0.931, {}),
+    ("metadistil", "roberta", "TinyBERT", "0", "off", [1], 0.9, {1: NAN}),
+    ("metadistil", "bert_roberta", "DistilBERT", "0", "off", [1, 2, 3], 0.9285, {}),
+    ("metadistil", "bert_bert2", "DistilBERT", "0", "off", [1, 2, 3], 0.9355, {}),
+    ("metadistil", "bert_roberta", "DistilBERT", "0", "light", [1, 2], 0.885, {}),
+    ("kd", "bert", "DistilBERT", "0", "light", [1], 0.88, {}),
+    ("metadistil", "bert", "DistilBERT", "1", "off", [1, 2], 0.9245, {}),
+]
+
+
+def _trial_id(algorithm, teacher_set, student, warmup, noise, seed):
+    return "__".join([algorithm, teacher_set, student, f"w{warmup}", noise, f"s{seed}"])
+
+
+class _Store:
+    def __init__(self, tmp_path):
+        from mlflow.tracking import MlflowClient
+
+        self.uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+        self.client = MlflowClient(self.uri)
+        self.experiment = self.client.create_experiment("metadistil", (tmp_path / "artifacts").as_uri())
+        self.clock = itertools.count(1_700_000_000_000, 1000)
+
+    def run(self, tags, metrics=None, status="FINISHED", error=None, parent=None):
+        from mlflow.entities import Metric, RunTag
+
+        if parent:
+            tags = {**tags, "mlflow.parentRunId": parent}
+        run_id = self.client.create_run(self.experiment, start_time=next(self.clock), tags=tags).info.run_id
+        self.client.log_batch(run_id, metrics=[Metric(k, float(v), 0, 0) for k, v in (metrics or {}).items()],
+                              tags=[RunTag("error", error)] if error else [])
+        self.client.set_terminated(run_id, status)
+        return run_id
+
+    def parent(self, sweep):
+        return self.run({"metadistil.sweep": sweep, "metadistil.role": "sweep", "metadistil.config_hash": "abc123"})
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    """The fake sweep; returns the store, the parent id and every logged test accuracy by cell."""
+    store = _Store(tmp_path_factory.mktemp("mlruns"))
+    old = store.parent(SWEEP)  # an earlier sweep of the same name: must be ignored
+    store.run({"metadistil.role": "trial", "metadistil.trial_id": "finetune__none__OldStudent__w0__off__s1",
+               "algorithm": "finetune", "teacher_set": "none", "teachers": "", "student": "OldStudent",
+               "warmup": "0", "noise": "off", "seed": "1"}, {"test_accuracy": 0.5, "student_params": 1}, parent=old)
+    other = store.parent("other")
+    store.run({"metadistil.role": "trial", "metadistil.trial_id": "finetune__none__OtherStudent__w0__off__s1",
+               "algorithm": "finetune", "teacher_set": "none", "teachers": "", "student": "OtherStudent",
+               "warmup": "0", "noise": "off", "seed": "1"}, {"test_accuracy": 0.75, "student_params": 1000},
+              parent=other)
+    parent = store.parent(SWEEP)
+
+    for label, acc in TEACHER_ACC.items():
+        store.run({"metadistil.role": "teacher", "metadistil.trial_id": f"teacher__{label}", "teacher": label,
+                   "algorithm": "finetune", "seed": "42"},
+                  {"test_accuracy": acc, "best_val_accuracy": acc + 0.01, "student_params": PARAMS[label]},
+                  parent=parent)
+
+    rng = np.random.default_rng(7)
+    logged = {}
+    for algorithm, tset, student, warmup, noise, seeds, base, failures in CELLS:
+        teachers = SETS[tset]
+        logged[(algorithm, tset, student, warmup, noise)] = []
+        for seed in seeds:
+            tid = _trial_id(algorithm, tset, student, warmup, noise, seed)
+            tags = {"metadistil.role": "trial", "metadistil.trial_id": tid, "algorithm": algorithm,
+                    "teacher_set": tset, "teachers": ",".join(teachers), "student": student, "warmup": warmup,
+                    "noise": noise, "seed": str(seed)}
+            sizes = {"student_params": STUDENTS[student]}
+            if teachers:
+                mean = np.mean([PARAMS[t] for t in teachers])
+                sizes.update(teacher_params_mean=mean, times_smaller=mean / STUDENTS[student])
+            if seed in failures:  # sizes are logged at step 0, before training fails
+                store.run(tags, sizes, status="FAILED", error=failures[seed], parent=parent)
+                continue
+            if (algorithm, tset, student, noise, seed) == ("kd", "bert", "DistilBERT", "off", 1):
+                store.run(tags, sizes, status="FAILED", error="preempted (retried)", parent=parent)
+            acc = round(base + rng.normal(0, 0.006), 4)
+            logged[(algorithm, tset, student, warmup, noise)].append(acc)
+            store.run(tags, {"test_accuracy": acc, "best_val_accuracy": acc + 0.002, **sizes}, parent=parent)
+    return {"store": store, "parent": parent, "other": other, "logged": logged}
+
+
+@pytest.fixture(scope="module")
+def report(sweep, tmp_path_factory):
+    return build_report(sweep["store"].uri, SWEEP, tmp_path_factory.mktemp("report"))
+
+
+def _table(markdown):
+    """{(block, method): [accuracy, params, times smaller, seeds]} from the report's main table."""
+    rows, block = {}, None
+    for line in markdown.split("## Failed trials")[0].splitlines():
+        if not line.startswith("| ") or line.startswith("| Methods"):
+            continue
+        cells = [c.strip() for c in line.strip("|").split(" | ")]
+        if cells[0].startswith("*"):
+            block = cells[0].strip("*")
+        else:
+            rows[(block, cells[0])] = cells[1:]
+    return rows
+
+
+def _expected_acc(values):
+    pct = 100 * np.array(values)
+    return f"{pct.mean():.2f} ± {pct.std(ddof=1):.2f}" if len(pct) > 1 else f"{pct.mean():.2f}"
+
+
+def test_blocks_in_the_reports_order(report):
+    lines = report.markdown.splitlines()
+    assert lines[0] == f"# Sweep {SWEEP}: experimental results"
+    headers = [line.strip("| ").strip("*") for line in lines if line.startswith("| *")]
+    assert headers == list(BLOCKS)
+    assert report.parent_run_id and "OldStudent" not in report.markdown and "OtherStudent" not in report.markdown
+
+
+def test_means_params_and_times_smaller(report, sweep):
+    table, logged = _table(report.markdown), sweep["logged"]
+    kd, md, multi, noise, warm = BLOCKS[2:7]
+
+    assert table[("Teachers", "BERT")] == ["93.80", "109483778", "", "1"]
+    assert table[("Teachers", "RoBERTa")] == ["92.95", "124647170", "", "1"]
+    # fine-tuned rows: against the teachers used alone (BERT, RoBERTa), which gives the report's 1.7 and 8.2
+    assert table[("Fine-Tuned Models", "DistilBERT")] == [
+        _expected_acc(logged[("finetune", "none", "DistilBERT", "0", "off")]), "66955010", "1.7", "3"]
+    assert table[("Fine-Tuned Models", "TinyBERT")][1:3] == ["14350874", "8.2"]
+    # distillation rows: the trials' own times_smaller (BERT alone: 109483778 / 66955010 = 1.635)
+    assert table[(kd, "BERT DistilBERT")] == [_expected_acc(logged[("kd", "bert", "DistilBERT", "0", "off")]),
+                                              "66955010", "1.6", "3"]
+    assert table[(kd, "BERT TinyBERT")] == [_expected_acc(logged[("kd", "bert", "TinyBERT", "0", "off")]),
+                                            "14350874", "7.6", "2"]
+    assert table[(kd, "BERT + RoBERTa DistilBERT")][2] == "1.7"
+    assert table[(md, "BERT DistilBERT")][0] == _expected_acc(logged[("metadistil", "bert", "DistilBERT", "0", "off")])
+    assert table[(multi, "BERT + BERT2 DistilBERT")] == [
+        _expected_acc(logged[("metadistil", "bert_bert2", "DistilBERT", "0", "off")]), "66955010", "1.6", "3"]
+    assert table[(noise, "BERT + RoBERTa DistilBERT (with noise: light) [MetaDistil]")][0] == _expected_acc(
+        logged[("metadistil", "bert_roberta", "DistilBERT", "0", "light")])
+    single = 100 * logged[("kd", "bert", "DistilBERT", "0", "light")][0]
+    assert table[(noise, "BERT DistilBERT (with noise: light) [KD]")] == [f"{single:.2f}", "66955010", "1.6", "1"]
+    assert table[(warm, "BERT DistilBERT (warm-up 1 epoch) [MetaDistil]")][0] == _expected_acc(
+        logged[("metadistil", "bert", "DistilBERT", "1", "off")])
+    assert len(table) == 16
+
+
+def test_failed_runs_are_listed_and_not_averaged(report, sweep):
+    table, logged = _table(report.markdown), sweep["logged"]
+    roberta = table[(BLOCKS[2], "RoBERTa DistilBERT")]
+    assert len(logged[("kd", "roberta", "DistilBERT", "0", "off")]) == 2
+    assert roberta == [_expected_acc(logged[("kd", "roberta", "DistilBERT", "0", "off")]), "66955010", "1.9",
+                       "2 (+1 failed)"]
+    assert table[(BLOCKS[3], "RoBERTa TinyBERT")] == ["failed", "14350874", "8.7", "0 (+1 failed)"]
+
+    failed_section = report.markdown.split("## Failed trials")[1]
+    assert "| `kd__roberta__DistilBERT__w0__off__s3` | RoBERTa DistilBERT | FAILED | CUDA out of memory: tried to " \
+           "allocate 2.00 GiB \\| pipe in the message |" in failed_section
+    assert f"| `metadistil__roberta__TinyBERT__w0__off__s1` | RoBERTa TinyBERT | FAILED | {NAN} |" in failed_section
+    assert "preempted" not in report.markdown  # a retried attempt that later finished is superseded
+    assert {f["trial_id"] for f in report.failed} == {"kd__roberta__DistilBERT__w0__off__s3",
+                                                       "metadistil__roberta__TinyBERT__w0__off__s1"}
+
+
+def test_csv_rows(report, sweep):
+    with report.csv_path.open() as fh:
+        reader = csv.DictReader(fh)
+        assert tuple(reader.fieldnames) == CSV_COLUMNS
+        rows = list(reader)
+    assert len(rows) == len(report.rows) == 16
+    assert [r["block"] for r in rows] == sorted((r["block"] for r in rows), key=BLOCKS.index)
+    by = {(r["block"], r["method"]): r for r in rows}
+
+    pct = 100 * np.array(sweep["logged"][("kd", "roberta", "DistilBERT", "0", "off")])
+    r = by[(BLOCKS[2], "RoBERTa DistilBERT")]
+    assert (r["algorithm"], r["teachers"], r["student"], r["noise"], r["n_seeds"], r["failed_seeds"]) == \
+        ("kd", "RoBERTa", "DistilBERT", "off", "2", "1")
+    assert float(r["accuracy_mean"]) == pytest.approx(pct.mean(), abs=1e-9)
+    assert float(r["accuracy_std"]) == pytest.approx(pct.std(ddof=1), abs=1e-9)
+    assert int(r["params"]) == DISTILBERT
+    assert float(r["times_smaller"]) == pytest.approx(PARAMS["RoBERTa"] / DISTILBERT)
+
+    r = by[(BLOCKS[6], "BERT DistilBERT (warm-up 1 epoch) [MetaDistil]")]
+    assert (r["algorithm"], float(r["warmup"]), r["n_seeds"]) == ("metadistil", 1.0, "2")
+    r = by[(BLOCKS[1], "TinyBERT")]
+    assert float(r["times_smaller"]) == pytest.approx((PARAMS["BERT"] + PARAMS["RoBERTa"]) / 2 / TINYBERT)
+    r = by[("Teachers", "BERT2")]
+    assert (r["algorithm"], r["accuracy_std"], r["times_smaller"], r["params"]) == ("teacher", "", "", "109483778")
+    assert float(r["accuracy_mean"]) == pytest.approx(94.1)
+    r = by[(BLOCKS[3], "RoBERTa TinyBERT")]
+    assert (r["n_seeds"], r["failed_seeds"], r["accuracy_mean"]) == ("0", "1", "")
+
+
+def test_png_and_artifacts_on_the_parent(report, sweep):
+    from PIL import Image
+
+    assert report.png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(report.png_path) as image:
+        image.verify()
+        assert image.size[0] > 500 and image.size[1] > 500
+    client = sweep["store"].client
+    names = {f.path for f in client.list_artifacts(sweep["parent"], "report")}
+    assert names == {"report/report.csv", "report/report.png", "report/report.md"}
+    assert set(report.attached) == names
+    assert client.list_artifacts(sweep["other"]) == []
+
+
+def test_other_sweep_without_attach(sweep, tmp_path):
+    other = build_report(sweep["store"].uri, "other", tmp_path, attach=False)
+    assert [(r["method"], r["accuracy_mean"], r["params"]) for r in other.rows] == [("OtherStudent", 75.0, 1000)]
+    assert other.attached == [] and sweep["store"].client.list_artifacts(sweep["other"]) == []
+    assert "Seeds" not in other.markdown and "Failed trials" not in other.markdown
+    assert other.csv_path.is_file() and other.png_path.is_file()
+
+
+def test_unknown_sweep_names_sweep_and_uri(sweep, tmp_path):
+    uri = sweep["store"].uri
+    with pytest.raises(ReportError, match=r"'nope'.*mlflow\.db") as err:
+        build_report(uri, "nope", tmp_path)
+    assert isinstance(err.value, ValueError)
+    with pytest.raises(ReportError, match="experiment 'elsewhere' does not exist"):
+        build_report(uri, SWEEP, tmp_path, experiment="elsewhere")

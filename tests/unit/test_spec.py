@@ -1,0 +1,100 @@
+"""Sweep spec validation and grid expansion: counts, rules, include/exclude, teacher recipes and their cache keys."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from launcher.spec import expand, load_spec, trial_id
+from trainer.config import ConfigError
+
+SPEC = {
+    "name": "unit",
+    "base": {"data": {"name": "synthetic", "train_size": 100, "quiz_size": 16, "validation_size": 20,
+                      "test_size": 20}, "metadistil": {"quiz_batch_size": 8}},
+    "teachers": {
+        "bert": {"checkpoint": "bert-base-uncased", "label": "BERT"},
+        "bert2": {"finetune": {"model": "bert-base-uncased", "train_subset_seed": 3}, "label": "BERT2"},
+        "roberta": {"checkpoint": "roberta-base", "label": "RoBERTa"},
+    },
+    "teacher_sets": {"bert": ["bert"], "roberta": ["roberta"], "bert+bert2": ["bert", "bert2"]},
+    "students": {"distil": {"name": "distilbert-base-uncased", "label": "DistilBERT"},
+                 "tiny": {"name": "huawei-noah/TinyBERT_General_4L_312D", "label": "TinyBERT"}},
+    "noise": {"clean": {}, "noisy": {"teacher": {"p": 0.1}, "student": {"p": 0.1}}},
+    "grid": {"algorithm": ["finetune", "kd", "metadistil"], "warmup": [0, 1], "noise": ["clean", "noisy"],
+             "seed": [1, 2]},
+}
+
+
+def write(tmp_path, spec):
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def plan_of(tmp_path, spec=SPEC):
+    return expand(*load_spec(write(tmp_path, spec)))
+
+
+def test_counts_and_rules(tmp_path):
+    plan = plan_of(tmp_path)
+    # finetune: 2 students x 2 seeds (teacher set, warm-up and noise collapse);
+    # kd and metadistil: 3 teacher sets x 2 students x 2 warm-ups x 2 noises x 2 seeds each.
+    assert len(plan.trials) == 2 * 2 + 2 * (3 * 2 * 2 * 2 * 2)
+    finetunes = [t for t in plan.trials if t.axes["algorithm"] == "finetune"]
+    assert {(t.axes["teacher_set"], t.axes["warmup"], t.axes["noise"]) for t in finetunes} == {(None, 0.0, "clean")}
+    assert all(t.config.teachers == [] for t in finetunes)
+    assert len({t.id for t in plan.trials}) == len(plan.trials)
+    two = next(t for t in plan.trials if t.axes["teacher_set"] == "bert+bert2")
+    assert [m.label for m in two.config.teachers] == ["bert", "bert2"] or \
+        [m.label for m in two.config.teachers] == ["BERT", "BERT2"]
+    assert two.config.teachers[1].name.endswith("/student") and "teachers/bert2-" in two.config.teachers[1].name
+    noisy = next(t for t in plan.trials if t.axes["noise"] == "noisy")
+    assert noisy.config.noise.teacher.p == 0.1 and noisy.config.noise.student.p == 0.1
+    assert set(plan.teacher_trials) == {"bert2"}
+    assert plan.teacher_trials["bert2"].config.data.train_subset_seed == 3
+    assert plan.teacher_trials["bert2"].config.algorithm == "finetune"
+
+
+def test_exclude_include_and_extra_axes(tmp_path):
+    spec = {**SPEC, "grid": {"algorithm": ["kd"], "teacher_set": ["bert"], "student": ["distil"],
+                             "extra": {"distill.temperature": [1.0, 4.0]}},
+            "exclude": [{"distill.temperature": 4.0}],
+            "include": [{"algorithm": "metadistil", "teacher_set": "roberta", "student": "tiny",
+                         "distill.temperature": 4.0}]}
+    plan = plan_of(tmp_path, spec)
+    assert [(t.axes["algorithm"], t.config.distill.temperature) for t in plan.trials] == [("kd", 1.0),
+                                                                                          ("metadistil", 4.0)]
+    assert [reason for _, reason in plan.dropped] == ["excluded by {'distill.temperature': 4.0}"]
+    assert "distill.temperature=4.0" in plan.trials[1].id
+
+
+def test_teacher_cache_key_follows_the_recipe(tmp_path):
+    a = plan_of(tmp_path).teacher_trials["bert2"].config.output.dir
+    changed = {**SPEC, "teachers": {**SPEC["teachers"], "bert2": {"finetune": {
+        "model": "bert-base-uncased", "train_subset_seed": 4}}}}
+    b = plan_of(tmp_path, changed).teacher_trials["bert2"].config.output.dir
+    assert a == plan_of(tmp_path).teacher_trials["bert2"].config.output.dir
+    assert a != b
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"teacher_sets": {"x": ["nobody"]}}, "teacher_sets.x: unknown teachers ['nobody']"),
+    ({"grid": {"student": ["ghost"]}}, "grid.student: unknown names ['ghost']"),
+    ({"grid": {"noise": ["loud"]}}, "grid.noise: unknown names ['loud']"),
+    ({"teachers": {"bad": {"label": "x"}}}, "give exactly one of checkpoint or finetune"),
+    ({"exclude": [{"colour": "red"}]}, "unknown axes ['colour']"),
+    ({"name": "has space"}, "name: String should match pattern"),
+    ({"grid": {"algorithm": ["distil"]}}, "grid.algorithm.0"),
+    ({"base": {"optim": {"lr": -1}}}, "optim.lr"),
+    ({"extra_key": 1}, "extra_key: Extra inputs are not permitted"),
+])
+def test_bad_specs_name_the_key(tmp_path, change, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(")):
+        plan_of(tmp_path, {**SPEC, **change})
+
+
+def test_trial_ids_are_stable():
+    combo = {"algorithm": "kd", "teacher_set": "bert", "student": "distil", "warmup": 1.0, "noise": "clean",
+             "seed": 3, "distill.alpha": 0.9}
+    assert trial_id(combo) == "kd__bert__distil__w1__clean__s3__distill.alpha=0.9"
