@@ -125,7 +125,13 @@ def _run_stage(plan: Plan, stage: str, trials: list[Trial], common: dict[str, An
                                   failure_config=tune.FailureConfig(max_failures=spec.max_failures)),
     )
     results = tuner.fit()
-    return {r.config["trial_id"]: f"{type(r.error).__name__}: {r.error}"[:2000] for r in results if r.error}
+    return {r.config["trial_id"]: _root_cause(r.error) for r in results if r.error}
+
+
+def _root_cause(error: BaseException) -> str:
+    """The trial's own exception, not Ray's wrapper with its remote traceback."""
+    cause = getattr(error, "cause", None) or error
+    return f"{type(cause).__name__}: {cause}"[:2000]
 
 
 def _trial_name(trial) -> str:

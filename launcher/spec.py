@@ -177,7 +177,8 @@ def expand(spec: SweepSpec, base: dict[str, Any]) -> Plan:
     trials: dict[str, Trial] = {}
     dropped: list[tuple[dict[str, Any], str]] = []
     for combo, explicit in [(c, False) for c in grid] + [(c, True) for c in included]:
-        combo = _normalise(combo, spec)
+        combo = _normalise({**{axis: values[0] for axis, values in axes_values.items()}, **combo}, spec)
+        _check_names(combo, spec)
         # an explicit include wins over exclude patterns
         reason = None if explicit else next((f"excluded by {ex}" for ex in spec.exclude if _matches(combo, ex)), None)
         if reason:
@@ -191,14 +192,21 @@ def expand(spec: SweepSpec, base: dict[str, Any]) -> Plan:
 
 
 def _normalise(combo: dict[str, Any], spec: SweepSpec) -> dict[str, Any]:
-    """Apply the rules that make combinations meaningful (finetune: no teachers, no warm-up, no noise)."""
+    """Apply the rules that make combinations meaningful (finetune: no teachers, no warm-up, no noise).
+
+    Axes an include item leaves out take the grid's first value.
+    """
     combo = dict(combo)
     if combo.get("algorithm") == "finetune":
         combo.update(teacher_set=None, warmup=0.0, noise=_off_name(spec))
-    combo.setdefault("warmup", 0.0)
-    combo.setdefault("noise", _off_name(spec))
-    combo.setdefault("seed", spec.grid.seed[0])
     return combo
+
+
+def _check_names(combo: dict[str, Any], spec: SweepSpec) -> None:
+    """An include item may name anything; refuse names the spec does not define."""
+    for axis, defined in (("teacher_set", spec.teacher_sets), ("student", spec.students)):
+        if combo.get(axis) is not None and combo[axis] not in defined:
+            raise ConfigError(f"include: {axis} {combo[axis]!r} is not defined (defined: {', '.join(defined)})")
 
 
 def _off_name(spec: SweepSpec) -> str:

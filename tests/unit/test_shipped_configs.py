@@ -6,9 +6,12 @@ from pathlib import Path
 
 import pytest
 
+from launcher.spec import expand, load_spec
 from trainer.config import load_config
 
-CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs" / "trial").glob("*.yaml"))
+ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = sorted((ROOT / "configs" / "trial").glob("*.yaml"))
+SWEEPS = sorted((ROOT / "configs" / "sweep").glob("*.yaml"))
 
 
 def test_trial_configs_exist():
@@ -20,3 +23,24 @@ def test_trial_config_validates(path):
     cfg = load_config(path)
     assert cfg.algorithm in path.stem
     assert cfg.deepspeed.enabled
+
+
+def test_sweep_configs_exist():
+    assert {p.name for p in SWEEPS} >= {"demo.yaml", "sst2_cpu.yaml", "paper_table1.yaml"}
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.name)
+def test_sweep_config_expands(path, monkeypatch):
+    monkeypatch.chdir(ROOT)  # paths inside configs are relative to the repository root, where users run them
+    plan = expand(*load_spec(path))
+    assert plan.trials and {t.axes["algorithm"] for t in plan.trials} == {"finetune", "kd", "metadistil"}
+    assert any(len(t.teachers) == 2 for t in plan.trials)
+
+
+def test_demo_sweep_exercises_every_axis(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    plan = expand(*load_spec(ROOT / "configs" / "sweep" / "demo.yaml"))
+    axes = {key: {t.axes[key] for t in plan.trials} for key in ("teacher_set", "student", "warmup", "noise")}
+    assert len(axes["teacher_set"] - {None}) >= 2 and len(axes["student"]) >= 2
+    assert len(axes["warmup"]) >= 2 and len(axes["noise"]) >= 2
+    assert plan.teacher_trials, "the demo fine-tunes its teachers"
