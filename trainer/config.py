@@ -182,6 +182,9 @@ class TrialConfig(_Section):
         if self.metadistil.quiz_batch_size > self.data.quiz_size and self.algorithm == "metadistil":
             raise _KeyError("metadistil.quiz_batch_size", f"{self.metadistil.quiz_batch_size} exceeds "
                             f"data.quiz_size={self.data.quiz_size}")
+        if self.deepspeed.precision != "fp32" and not self.deepspeed.enabled:
+            raise _KeyError("deepspeed.precision", f"{self.deepspeed.precision} needs deepspeed.enabled: true "
+                            "(without DeepSpeed the trainer runs in fp32)")
         if self.deepspeed.precision == "fp16" and self.device == "cpu":
             raise _KeyError("deepspeed.precision", "fp16 is not supported on CPU; use fp32 or bf16")
         return self

@@ -74,20 +74,50 @@ def deepspeed_config(cfg: DeepSpeedConfig, batch_size: int, grad_clip: float | N
     if cfg.precision == "fp16":
         config["fp16"] = {"enabled": True}
     if cfg.config_path:
-        path = Path(cfg.config_path)
-        if not path.is_file():
-            raise ConfigError(f"deepspeed.config_path: {cfg.config_path!r} does not exist")
-        try:
-            user = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"deepspeed.config_path: {cfg.config_path!r} is not valid JSON: {err}") from None
-        for key in ("optimizer", "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
-            user.pop(key, None)  # the trainer owns batch sizes and the optimizer
-        config.update(user)
+        _merge(config, _read_user_config(cfg.config_path))
+    for section in ("zero_optimization", "bf16", "fp16"):
+        if not isinstance(config.get(section, {}), dict):
+            raise ConfigError(f"deepspeed.config_path: {section} must be a JSON object, got {config[section]!r}")
     stage = config.get("zero_optimization", {}).get("stage", 0)
     if stage not in (0, 1, 2, 3):
         raise ConfigError(f"deepspeed.config_path: zero_optimization.stage must be 0..3, got {stage!r}")
+    # The file may add settings but not contradict the trial's own keys: validation (e.g. "no ZeRO-3 with metadistil",
+    # "no fp16 on CPU") and the logged trial config only know deepspeed.zero_stage and deepspeed.precision.
+    if stage != cfg.zero_stage:
+        raise ConfigError(f"deepspeed.config_path: zero_optimization.stage={stage!r} in {cfg.config_path!r} "
+                          f"contradicts deepspeed.zero_stage={cfg.zero_stage}; set deepspeed.zero_stage instead")
+    for half in ("bf16", "fp16"):
+        enabled = bool(config.get(half, {}).get("enabled", False))
+        if enabled != (cfg.precision == half):
+            raise ConfigError(f"deepspeed.config_path: {half}.enabled={enabled} in {cfg.config_path!r} contradicts "
+                              f"deepspeed.precision={cfg.precision!r}; set deepspeed.precision instead")
     return config
+
+
+def _read_user_config(config_path: str) -> dict[str, Any]:
+    path = Path(config_path)
+    if not path.is_file():
+        raise ConfigError(f"deepspeed.config_path: {config_path!r} does not exist")
+    try:
+        user = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"deepspeed.config_path: {config_path!r} is not valid JSON: {err}") from None
+    if not isinstance(user, dict):
+        raise ConfigError(f"deepspeed.config_path: {config_path!r} must hold a JSON object, got {type(user).__name__}")
+    for key in ("optimizer", "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+        user.pop(key, None)  # the trainer owns batch sizes and the optimizer
+    return user
+
+
+def _merge(base: dict[str, Any], user: dict[str, Any]) -> None:
+    """Merge ``user`` into ``base`` key by key, recursing into sections: a file that only sets, e.g.,
+    ``zero_optimization.reduce_bucket_size`` must not drop the generated ``zero_optimization.stage`` (a flat
+    ``dict.update`` silently turned such a trial into ZeRO 0)."""
+    for key, value in user.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
 
 
 def _ensure_process_group_env() -> None:
@@ -107,12 +137,12 @@ def wrap(module: nn.Module, lr: float, weight_decay: float, cfg: DeepSpeedConfig
                                   weight_decay=weight_decay)
     if not cfg.enabled:
         return TorchEngine(module, optimizer, grad_clip)
+    config = deepspeed_config(cfg, batch_size, grad_clip)  # a bad config_path fails before any process group exists
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     import deepspeed
 
     _ensure_process_group_env()
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-    engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer,
-                                      config=deepspeed_config(cfg, batch_size, grad_clip))
+    engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, config=config)
     return engine

@@ -64,6 +64,8 @@ MALFORMED = [
      ["student.init_layers:", "at least 1 item"]),
     ("zero3-with-metadistil", {"teachers": [TEACHER], "deepspeed": {"zero_stage": 3}},
      ["deepspeed.zero_stage:", "ZeRO-3", "0, 1 or 2"]),
+    ("bf16-without-deepspeed", with_(KD, deepspeed={"precision": "bf16", "enabled": False}),
+     ["deepspeed.precision:", "needs deepspeed.enabled: true"]),
     ("zero-stage-4", with_(KD, deepspeed={"zero_stage": 4}), ["deepspeed.zero_stage:", "less than or equal to 3"]),
     ("quiz-batch-larger-than-quiz", {"teachers": [TEACHER], "data": {"quiz_size": 8},
                                      "metadistil": {"quiz_batch_size": 16}},
