@@ -96,6 +96,30 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from trainer.config import NoiseConfig
+    from trainer.data import Collator, read_labelled_file
+    from trainer.evaluation import accuracy
+    from trainer.models import pick_device
+
+    if not (Path(args.model) / "config.json").is_file():
+        raise ConfigError(f"--model: {args.model!r} is not a saved Hugging Face model folder (no config.json)")
+    data = read_labelled_file(args.data, args.text_column, args.label_column)
+    device = pick_device(args.device)
+    model = AutoModelForSequenceClassification.from_pretrained(args.model).to(device)
+    collate = Collator(AutoTokenizer.from_pretrained(args.model), [], args.max_length, NoiseConfig(), seed=0)
+    score = accuracy(model, data, collate, args.batch_size, device)
+    print(f"accuracy {score:.4f} on {len(data)} examples of {args.data}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"accuracy": score, "examples": len(data), "model": args.model,
+                                               "data": args.data}, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="metadistil", description="Knowledge-distillation experiments: "
                                      "MetaDistil, KD and fine-tuning trials and sweeps.")
@@ -120,6 +144,16 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--experiment", default="metadistil", help="MLflow experiment of the sweep")
     report.add_argument("--no-attach", action="store_true", help="do not attach the files to the sweep's run")
     report.set_defaults(func=_report)
+    evaluate = sub.add_parser("evaluate", help="accuracy of a saved student on any labelled file")
+    evaluate.add_argument("--model", required=True, help="saved model folder (e.g. runs/.../student)")
+    evaluate.add_argument("--data", required=True, help="labelled tsv/csv/jsonl/json/parquet file")
+    evaluate.add_argument("--text-column", default="sentence")
+    evaluate.add_argument("--label-column", default="label")
+    evaluate.add_argument("--max-length", type=int, default=128)
+    evaluate.add_argument("--batch-size", type=int, default=64)
+    evaluate.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    evaluate.add_argument("--json", help="also write {accuracy, examples, model, data} to this file")
+    evaluate.set_defaults(func=_evaluate)
     return parser
 
 

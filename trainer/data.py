@@ -98,6 +98,13 @@ def _load_raw(cfg: DataConfig) -> dict[str, TextSet]:
     return {split: _to_textset(ds, cfg, f"{cfg.name}:{split}") for split, ds in loaded.items()}
 
 
+def read_labelled_file(path: str, text_column: str = "sentence", label_column: str = "label") -> TextSet:
+    """One labelled tsv/csv/jsonl/json/parquet file, whole (e.g. to score a saved student on unseen data)."""
+    if not Path(path).is_file():
+        raise ConfigError(f"data.path: {path!r} is not a file")
+    return _load_local(DataConfig(path=path, text_column=text_column, label_column=label_column))["train"]
+
+
 def _load_local(cfg: DataConfig) -> dict[str, TextSet]:
     import datasets
 
