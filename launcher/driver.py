@@ -1,8 +1,9 @@
 """The Ray Tune driver: teacher fine-tuning stage, then the grid's trials, each a nested MLflow run of the sweep.
 
-Trials are Tune function trainables that call the trainer directly. A trial's outputs (and its teacher-cache entry)
-live under the sweep's storage path, so a retried or resumed trial finds them again; ``--resume`` skips every trial
-whose MLflow run already FINISHED under the sweep's parent run.
+Trials are Tune function trainables that call the trainer directly. A trial's outputs, its checkpoint and its
+teacher-cache entry live under the sweep's storage path, so a retried trial (FailureConfig) or a resumed sweep
+continues from the trial's last evaluation; ``--resume`` skips every trial whose MLflow run already FINISHED under
+the sweep's parent run.
 """
 
 from __future__ import annotations
@@ -151,6 +152,8 @@ def tune_trial(config: dict[str, Any], params_by_id: dict[str, dict[str, Any]]) 
     existing = runs.child_run(p["uri"], p["experiment"], p["parent"], p["id"])
     logger = MLflowLogger(p["uri"], p["experiment"], run_name=p["id"], parent_run_id=p["parent"], tags=p["tags"],
                           run_id=existing)
-    result = run_trial(cfg, [logger], progress=False,
+    # The checkpoint lives with the trial's outputs (shared storage on a cluster): a retry on another node, or a
+    # resumed sweep, continues from the last evaluation.
+    result = run_trial(cfg, [logger], progress=False, checkpoint_dir=Path(cfg.output.dir) / "checkpoint",
                        on_eval=lambda step, metrics: tune.report({**metrics, "step": step}))
     tune.report({**result.metrics, "step": result.metrics["warmup_steps"] + result.metrics["train_steps"]})

@@ -29,6 +29,10 @@ class Engine(Protocol):
 
     def step(self) -> None: ...
 
+    def save_checkpoint(self, save_dir: str, tag: str) -> Any: ...
+
+    def load_checkpoint(self, load_dir: str, tag: str) -> Any: ...
+
 
 class TorchEngine:
     """Plain torch with a DeepSpeed engine's surface: used when deepspeed.enabled is false."""
@@ -49,6 +53,17 @@ class TorchEngine:
             torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+
+    # Same names and folder semantics as DeepSpeedEngine's, so checkpoints need not know which engine they hold.
+    def save_checkpoint(self, save_dir: str, tag: str) -> None:
+        Path(save_dir, tag).mkdir(parents=True, exist_ok=True)
+        torch.save({"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict()},
+                   Path(save_dir, tag, "engine.pt"))
+
+    def load_checkpoint(self, load_dir: str, tag: str) -> None:
+        state = torch.load(Path(load_dir, tag, "engine.pt"), map_location="cpu", weights_only=True)
+        self.module.load_state_dict(state["module"])
+        self.optimizer.load_state_dict(state["optimizer"])
 
 
 def apply_gradients(engine: Engine, grads: Sequence[torch.Tensor]) -> None:

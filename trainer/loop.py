@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import random
@@ -17,6 +18,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
+from trainer import checkpoint
 from trainer.algorithms import KD, FineTune, MetaDistil
 from trainer.config import TrialConfig, flatten
 from trainer.data import Batch, Collator, Splits, TextSet, index_batches, load_splits
@@ -38,13 +40,17 @@ class TrialResult:
 
 
 def run_trial(cfg: TrialConfig, loggers: list[Logger] | None = None, progress: bool = True,
-              on_eval=None) -> TrialResult:
-    """Train and evaluate one trial. ``on_eval(step, metrics)`` is called after each evaluation (e.g. a reporter)."""
+              on_eval=None, checkpoint_dir: Path | None = None) -> TrialResult:
+    """Train and evaluate one trial.
+
+    ``on_eval(step, metrics)`` is called after each evaluation (e.g. a Tune reporter). With ``checkpoint_dir``, the
+    trial checkpoints there at each evaluation and, when a checkpoint is already there, continues from it.
+    """
     log = Loggers([StdoutLogger(), *(loggers or [])])
     log.log_params(flatten(cfg))
     log.set_tags({"algorithm": cfg.algorithm})
     try:
-        result = _run(cfg, log, progress, on_eval)
+        result = _run(cfg, log, progress, on_eval, checkpoint_dir)
     except BaseException as err:
         log.finish("FAILED", f"{type(err).__name__}: {err}")
         raise
@@ -52,7 +58,7 @@ def run_trial(cfg: TrialConfig, loggers: list[Logger] | None = None, progress: b
     return result
 
 
-def _run(cfg: TrialConfig, log: Loggers, progress: bool, on_eval) -> TrialResult:
+def _run(cfg: TrialConfig, log: Loggers, progress: bool, on_eval, checkpoint_dir: Path | None) -> TrialResult:
     _seed_everything(cfg.seed)
     device = pick_device(cfg.device)
     splits = load_splits(cfg.data, cfg.seed)
@@ -69,19 +75,28 @@ def _run(cfg: TrialConfig, log: Loggers, progress: bool, on_eval) -> TrialResult
                           opt.batch_size, opt.grad_clip)
     timer = PhaseTimer(device)
     steps_per_epoch = math.ceil(len(splits.train) / opt.batch_size)
-
     warmup_steps = math.ceil(cfg.warmup.epochs * steps_per_epoch)
-    if warmup_steps:
+    total = math.ceil(opt.epochs * steps_per_epoch)
+    total = min(total, opt.max_steps) if opt.max_steps else total
+
+    engines = {"student": student_engine}
+    if cfg.algorithm == "metadistil":
+        engines.update({f"teacher_{i}": _wrap_teacher(cfg, t, device) for i, t in enumerate(teachers)})
+    resumed = checkpoint.load(checkpoint_dir, engines) if checkpoint_dir else None
+    start, best = resumed or (0, None)
+    if resumed:
+        log.set_tags({"resumed_from_step": str(start)})
+    elif warmup_steps:
         _train(FineTune(student_engine), splits.train, collate, warmup_steps, cfg, device, log, progress, timer,
                phase="warmup", stream_seed=cfg.seed + 1, with_teachers=False)
 
-    algorithm = _build_algorithm(cfg, student_engine, teachers, splits, collate, device, timer)
-    total = math.ceil(opt.epochs * steps_per_epoch)
-    total = min(total, opt.max_steps) if opt.max_steps else total
+    algorithm = _build_algorithm(cfg, engines, teachers, splits, collate, device, timer, start)
+    save = (lambda step, best_so_far: checkpoint.save(checkpoint_dir, step, best_so_far, engines)) \
+        if checkpoint_dir else None
     evaluate = lambda: accuracy(student_engine.module, splits.validation, collate, cfg.eval.batch_size, device)  # noqa: E731
     best = _train(algorithm, splits.train, collate, total, cfg, device, log, progress, timer, phase="train",
                   stream_seed=cfg.seed, with_teachers=cfg.algorithm != "finetune", evaluate=evaluate,
-                  on_eval=on_eval)
+                  on_eval=on_eval, start=start, best=best, save=save)
 
     student_engine.module.load_state_dict(best["state"])
     test_acc = accuracy(student_engine.module, splits.test, collate, cfg.eval.batch_size, device)
@@ -89,17 +104,21 @@ def _run(cfg: TrialConfig, log: Loggers, progress: bool, on_eval) -> TrialResult
                "warmup_steps": warmup_steps, "train_steps": total, **sizes, **timer.summary()}
     log.log_metrics(metrics, step=warmup_steps + total)
     out = _save(cfg, student_engine.module, student.tokenizer, algorithm, teachers, metrics, log)
+    if checkpoint_dir:
+        checkpoint.remove(checkpoint_dir)  # the trial is complete; its outputs replace the checkpoint
     return TrialResult(metrics, out)
 
 
 def _train(algorithm, train: TextSet, collate: Collator, steps: int, cfg: TrialConfig, device: torch.device,
            log: Loggers, progress: bool, timer: PhaseTimer, phase: str, stream_seed: int, with_teachers: bool,
-           evaluate=None, on_eval=None) -> dict:
-    """Run ``steps`` training steps; with ``evaluate``, keep the best-validation weights (returned)."""
-    best = {"accuracy": -1.0, "step": 0, "state": None}
+           evaluate=None, on_eval=None, start: int = 0, best: dict | None = None, save=None) -> dict:
+    """Run training steps ``start``..``steps``-1; with ``evaluate``, keep the best-validation weights (returned)
+    and, with ``save``, checkpoint after each evaluation."""
+    best = best or {"accuracy": -1.0, "step": 0, "state": None}
     noisy = phase == "train"  # warm-up fine-tunes on clean text
-    bar = tqdm(total=steps, desc=phase, disable=not progress, dynamic_ncols=True)
-    for step, (epoch, indices) in enumerate(_stream(len(train), cfg.optim.batch_size, stream_seed, steps)):
+    bar = tqdm(total=steps, initial=start, desc=phase, disable=not progress, dynamic_ncols=True)
+    stream = itertools.islice(_stream(len(train), cfg.optim.batch_size, stream_seed, steps), start, None)
+    for step, (epoch, indices) in enumerate(stream, start=start):
         batch = collate(train, indices, epoch if noisy else None, with_teachers).to(device)
         with timer(f"{phase}_step"):
             losses = algorithm.train_step(batch, step)
@@ -116,6 +135,8 @@ def _train(algorithm, train: TextSet, collate: Collator, steps: int, cfg: TrialC
                 best = {"accuracy": val, "step": step + 1, "state": _cpu_copy(algorithm.student.module)}
             metrics = {"val_accuracy": val, "best_val_accuracy": best["accuracy"], "epoch": epoch}
             log.log_metrics(metrics, step=step + 1)
+            if save:
+                save(step + 1, best)
             if on_eval:
                 on_eval(step + 1, metrics)
     bar.close()
@@ -134,26 +155,33 @@ def _stream(n: int, batch_size: int, seed: int, steps: int) -> Iterator[tuple[in
         epoch += 1
 
 
-def _quiz_stream(quiz: TextSet, collate: Collator, batch_size: int, seed: int,
-                 device: torch.device) -> Iterator[Batch]:
-    rng = np.random.default_rng([seed, 7])
-    while True:
-        indices = rng.choice(len(quiz), size=batch_size, replace=False)
+def _quiz_stream(quiz: TextSet, collate: Collator, batch_size: int, seed: int, device: torch.device,
+                 start: int = 0) -> Iterator[Batch]:
+    """Quiz batches; draw i depends only on (seed, i), so a resumed trial continues the same sequence."""
+    for draw in itertools.count(start):
+        indices = np.random.default_rng([seed, 7, draw]).choice(len(quiz), size=batch_size, replace=False)
         yield collate(quiz, indices, epoch=None, with_teachers=False).to(device)
 
 
-def _build_algorithm(cfg: TrialConfig, student_engine, teachers: list[Loaded], splits: Splits, collate: Collator,
-                     device: torch.device, timer: PhaseTimer):
+def _wrap_teacher(cfg: TrialConfig, teacher: Loaded, device: torch.device):
+    # Teachers run without dropout: their logits are the student's targets. They still learn (meta-updates).
+    return wrap(teacher.model.to(device).eval(), cfg.metadistil.teacher_lr, cfg.optim.weight_decay, cfg.deepspeed,
+                cfg.optim.batch_size, cfg.optim.grad_clip)
+
+
+def _build_algorithm(cfg: TrialConfig, engines: dict, teachers: list[Loaded], splits: Splits, collate: Collator,
+                     device: torch.device, timer: PhaseTimer, start: int):
+    student_engine = engines["student"]
     if cfg.algorithm == "finetune":
         return FineTune(student_engine)
     if cfg.algorithm == "kd":
         frozen = [t.model.to(device).eval().requires_grad_(False) for t in teachers]
         return KD(student_engine, frozen, cfg.distill)
-    # Teachers run without dropout: their logits are the student's targets. They still learn (meta-updates).
-    engines = [wrap(t.model.to(device).eval(), cfg.metadistil.teacher_lr, cfg.optim.weight_decay, cfg.deepspeed,
-                    cfg.optim.batch_size, cfg.optim.grad_clip) for t in teachers]
-    quiz = _quiz_stream(splits.quiz, collate, cfg.metadistil.quiz_batch_size, cfg.seed, device)
-    return MetaDistil(student_engine, engines, cfg.distill, cfg.metadistil, quiz, timer)
+    k = cfg.metadistil.meta_interval
+    quiz = _quiz_stream(splits.quiz, collate, cfg.metadistil.quiz_batch_size, cfg.seed, device,
+                        start=(start + k - 1) // k)  # meta steps already taken
+    teacher_engines = [engines[f"teacher_{i}"] for i in range(len(teachers))]
+    return MetaDistil(student_engine, teacher_engines, cfg.distill, cfg.metadistil, quiz, timer)
 
 
 def _load_student(cfg: TrialConfig, num_labels: int, attn: str | None) -> Loaded:

@@ -1,0 +1,49 @@
+"""Mid-trial checkpoints: a retried or resumed trial continues from its last evaluation instead of restarting.
+
+A checkpoint holds every trainable engine (weights and optimizer state, through the engines' own
+save_checkpoint/load_checkpoint), the best-validation student so far, the step, and the torch RNG state, so the
+continuation draws the same dropout masks an uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from trainer.engine import Engine
+
+_STATE, _TRAINER, _TAG = "state.json", "trainer.pt", "engine"  # DeepSpeed itself writes a file "latest"
+
+
+def save(folder: Path, step: int, best: dict, engines: dict[str, Engine]) -> None:
+    """Write the checkpoint next to the old one, then swap, so a crash mid-write leaves the previous one intact."""
+    staging = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    for name, engine in engines.items():
+        engine.save_checkpoint(str(staging / name), tag=_TAG)
+    torch.save({"best_state": best["state"], "rng": torch.get_rng_state()}, staging / _TRAINER)
+    (staging / _STATE).write_text(json.dumps({"step": step, "best_accuracy": best["accuracy"],
+                                              "best_step": best["step"]}))
+    shutil.rmtree(folder, ignore_errors=True)
+    staging.rename(folder)
+
+
+def load(folder: Path, engines: dict[str, Engine]) -> tuple[int, dict] | None:
+    """Restore engines and RNG from ``folder``; return (step, best) or None when there is no checkpoint."""
+    if not (folder / _STATE).is_file():
+        return None
+    state = json.loads((folder / _STATE).read_text())
+    for name, engine in engines.items():
+        engine.load_checkpoint(str(folder / name), tag=_TAG)
+    extra = torch.load(folder / _TRAINER, map_location="cpu", weights_only=True)
+    torch.set_rng_state(extra["rng"])
+    best = {"accuracy": state["best_accuracy"], "step": state["best_step"], "state": extra["best_state"]}
+    return state["step"], best
+
+
+def remove(folder: Path) -> None:
+    shutil.rmtree(folder, ignore_errors=True)
