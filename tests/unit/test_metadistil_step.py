@@ -147,3 +147,4 @@ def test_pilot_leaves_student_alone_and_real_step_uses_updated_teacher(tokenizer
     assert all(torch.allclose(got[n], expected[n], rtol=1e-9, atol=1e-12) for n in expected)
     assert losses["kd"] == pytest.approx(loss.item(), rel=1e-12)
     assert any(not torch.equal(before[n], p) for n, p in student.named_parameters()), "the real step did not update"
+
