@@ -52,6 +52,11 @@ def _sweep(args: argparse.Namespace) -> int:
           f"{len(result.failed)} failed; MLflow parent run {result.parent_run_id} at {result.tracking_uri}")
     for trial, error in result.failed.items():
         print(f"  FAILED {trial}: {error.splitlines()[0][:300]}")
+    print("sweep wall time: " + ", ".join(f"{k.removeprefix('sweep_').removesuffix('_s').replace('_', ' ')} "
+                                          f"{v:.1f} s" for k, v in result.phases.items()))
+    if result.best:
+        print(f"best student: {result.best[0]} (by validation accuracy), registered as MLflow model "
+              f"metadistil-{spec.name} version {result.best[1]}")
     if not args.no_report:
         from launcher.report import build_report
 
@@ -69,12 +74,13 @@ def format_plan(plan) -> str:
     for t in plan.teacher_trials.values():
         state = "cached" if teacher_cached(t) else "to fine-tune"
         lines.append(f"  teacher  {t.id:<40} {t.config.student.name} -> {t.config.output.dir} ({state})")
-    header = f"  {'#':>3} {'algorithm':<10} {'teachers':<22} {'student':<12} {'warmup':>6} {'noise':<10} {'seed':>5}"
+    header = (f"  {'#':>3} {'algorithm':<10} {'teachers':<22} {'student':<12} {'warmup':>6} {'noise':<10} "
+              f"{'seed':>5} {'workers':>7}")
     lines.append(header)
     for i, t in enumerate(plan.trials):
         a = t.axes
         lines.append(f"  {i:>3} {a['algorithm']:<10} {'+'.join(t.teachers) or '-':<22} {a['student']:<12} "
-                     f"{a['warmup']:>6g} {a['noise']:<10} {a['seed']:>5}")
+                     f"{a['warmup']:>6g} {a['noise']:<10} {a['seed']:>5} {t.workers:>7}")
     reasons = Counter(reason for _, reason in plan.dropped)
     lines += [f"  dropped {n} combination(s) {reason}" for reason, n in sorted(reasons.items())]
     return "\n".join(lines)

@@ -10,13 +10,20 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from launcher import runs
 from launcher.spec import Plan, Trial
-from trainer.config import ConfigError, NoiseConfig, flatten
+from trainer.config import NoiseConfig, flatten
+from trainer.tokenized import prepare_token_caches
+
+
+# A multi-worker trial's own (Tune) process needs a non-zero CPU request; it is taken from its workers' share, so the
+# trial fits in exactly workers x resources.cpus (else 2 workers x 1 CPU never fit on a 2-CPU node beside it).
+DRIVER_CPU = 0.01
 
 
 @dataclass
@@ -26,6 +33,8 @@ class SweepResult:
     finished: list[str]
     failed: dict[str, str]
     skipped: list[str]
+    best: tuple[str, str] | None = None  # (trial id, registered model version) of the best student
+    phases: dict[str, float] = field(default_factory=dict)  # wall seconds: startup, data preparation, training
 
 
 def trial_tags(plan: Plan, trial: Trial) -> dict[str, str]:
@@ -46,6 +55,15 @@ def trial_tags(plan: Plan, trial: Trial) -> dict[str, str]:
 
 
 def run_sweep(plan: Plan, resume: bool = False, verbose: int = 1) -> SweepResult:
+    clock = time.perf_counter()
+    phases: dict[str, float] = {}
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        phases[f"sweep_{name}_s"] = now - clock
+        clock = now
+
     base_tracking = plan.trials[0].config.tracking if plan.trials else None
     uri = runs.resolve_uri(base_tracking.mlflow_uri if base_tracking else None)
     experiment = base_tracking.experiment if base_tracking else "metadistil"
@@ -53,6 +71,9 @@ def run_sweep(plan: Plan, resume: bool = False, verbose: int = 1) -> SweepResult
     parent = runs.parent_run(uri, experiment, plan.spec.name, plan.config_hash, resume)
     done = runs.finished_trials(uri, experiment, parent) if resume else set()
     _init_ray()
+    lap("startup")
+    prepare_token_caches([t.config for t in [*plan.teacher_trials.values(), *plan.trials]])
+    lap("data_preparation")
 
     common = {"uri": uri, "experiment": experiment, "parent": parent}
     teachers = []
@@ -63,14 +84,17 @@ def run_sweep(plan: Plan, resume: bool = False, verbose: int = 1) -> SweepResult
             teachers.append(teacher)
     failed: dict[str, str] = {}
     failed.update(_run_stage(plan, "teachers", teachers, common, verbose))
+    lap("teacher_training")
     if failed:
-        runs.end_parent(uri, parent, len(failed))
+        runs.end_parent(uri, parent, len(failed), phases)
         raise RuntimeError(f"teacher fine-tuning failed, no student trial was started: {failed}")
     pending = [t for t in plan.trials if t.id not in done]
     failed.update(_run_stage(plan, "trials", pending, common, verbose))
-    runs.end_parent(uri, parent, len(failed))
+    lap("trial_training")
+    best = runs.register_best_student(uri, experiment, parent, plan.spec.name)
+    runs.end_parent(uri, parent, len(failed), phases)
     ran = [t.id for t in [*teachers, *pending] if t.id not in failed]
-    return SweepResult(parent, uri, ran, failed, sorted(done))
+    return SweepResult(parent, uri, ran, failed, sorted(done), best, phases)
 
 
 def teacher_cached(teacher: Trial) -> bool:
@@ -110,13 +134,17 @@ def _run_stage(plan: Plan, stage: str, trials: list[Trial], common: dict[str, An
     from ray import tune
 
     spec = plan.spec
-    if spec.resources.workers > 1:
-        raise ConfigError("resources.workers: multi-worker (Ray Train) trials are not supported yet; use 1")
-    # The grid varies only the trial id; the full configs travel once, through the object store.
-    by_id = {t.id: {"id": t.id, "config": t.config.model_dump(mode="json"), "tags": trial_tags(plan, t), **common}
-             for t in trials}
-    resources = {"cpu": spec.resources.cpus, "gpu": spec.resources.gpus}
     storage = spec.storage_path if "://" in spec.storage_path else str(Path(spec.storage_path).resolve())
+    # The grid varies only the trial id; the full configs travel once, through the object store.
+    by_id = {t.id: {"id": t.id, "config": t.config.model_dump(mode="json"), "tags": trial_tags(plan, t),
+                    "workers": t.workers, "cpus": spec.resources.cpus, "gpus": spec.resources.gpus,
+                    "storage": storage, "sweep": spec.name, **common} for t in trials}
+
+    def resources(config: dict[str, Any]) -> dict[str, float]:
+        if by_id[config["trial_id"]]["workers"] > 1:
+            return {"cpu": DRIVER_CPU}  # the trial only drives its Ray Train workers, which request the rest
+        return {"cpu": spec.resources.cpus, "gpu": spec.resources.gpus}
+
     tuner = tune.Tuner(
         tune.with_resources(tune.with_parameters(tune_trial, params_by_id=by_id), resources),
         param_space={"trial_id": tune.grid_search(list(by_id))},
@@ -140,20 +168,52 @@ def _trial_name(trial) -> str:
 
 
 def tune_trial(config: dict[str, Any], params_by_id: dict[str, dict[str, Any]]) -> None:
-    """One Tune trial: the trainer, reporting each evaluation to Tune and everything to the trial's MLflow run."""
+    """One Tune trial: the trainer, reporting each evaluation to Tune and everything to the trial's MLflow run.
+
+    With several workers the trial builds a Ray Train ``TorchTrainer`` whose workers run the same trainer as DeepSpeed
+    data parallel (gloo on CPU, NCCL on GPU); their reports reach Tune through ``TuneReportCallback``.
+    """
     from ray import tune
 
+    p = params_by_id[config["trial_id"]]
+    if p["workers"] == 1:
+        _run_worker(p, tune.report)
+        return
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    trainer = TorchTrainer(
+        _train_loop_per_worker, train_loop_config=p,
+        scaling_config=ScalingConfig(num_workers=p["workers"], use_gpu=p["gpus"] > 0, resources_per_worker={
+            "CPU": p["cpus"] - DRIVER_CPU / p["workers"], **({"GPU": p["gpus"]} if p["gpus"] else {})}),
+        torch_config=TorchConfig(backend="nccl" if p["gpus"] > 0 else "gloo"),
+        run_config=RunConfig(name=f"{p['sweep']}-workers-{p['id']}"[:200], storage_path=p["storage"],
+                             callbacks=[TuneReportCallback()]),
+    )
+    trainer.fit()
+
+
+def _train_loop_per_worker(p: dict[str, Any]) -> None:
+    import ray.train
+
+    _run_worker(p, ray.train.report, main=ray.train.get_context().get_world_rank() == 0)
+
+
+def _run_worker(p: dict[str, Any], report, main: bool = True) -> None:
+    """The trainer on one worker; only the first worker logs to MLflow (every worker reports, as Ray Train needs)."""
     from launcher.tracking import MLflowLogger
     from trainer.config import parse_config
     from trainer.loop import run_trial
 
-    p = params_by_id[config["trial_id"]]
     cfg = parse_config(p["config"])
-    existing = runs.child_run(p["uri"], p["experiment"], p["parent"], p["id"])
-    logger = MLflowLogger(p["uri"], p["experiment"], run_name=p["id"], parent_run_id=p["parent"], tags=p["tags"],
-                          run_id=existing)
+    loggers = []
+    if main:
+        existing = runs.child_run(p["uri"], p["experiment"], p["parent"], p["id"])
+        loggers.append(MLflowLogger(p["uri"], p["experiment"], run_name=p["id"], parent_run_id=p["parent"],
+                                    tags=p["tags"], run_id=existing))
     # The checkpoint lives with the trial's outputs (shared storage on a cluster): a retry on another node, or a
     # resumed sweep, continues from the last evaluation.
-    result = run_trial(cfg, [logger], progress=False, checkpoint_dir=Path(cfg.output.dir) / "checkpoint",
-                       on_eval=lambda step, metrics: tune.report({**metrics, "step": step}))
-    tune.report({**result.metrics, "step": result.metrics["warmup_steps"] + result.metrics["train_steps"]})
+    result = run_trial(cfg, loggers, progress=False, checkpoint_dir=Path(cfg.output.dir) / "checkpoint",
+                       on_eval=lambda step, metrics: report({**metrics, "step": step}))
+    report({**result.metrics, "step": result.metrics["warmup_steps"] + result.metrics["train_steps"]})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -83,9 +84,41 @@ def finished_trials(uri: str, experiment: str, parent_id: str) -> set[str]:
     return {r.data.tags[TRIAL_ID] for r in runs if TRIAL_ID in r.data.tags}
 
 
-def end_parent(uri: str, parent_id: str, failed: int) -> None:
+def end_parent(uri: str, parent_id: str, failed: int, phases: dict[str, float]) -> None:
+    from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
     client.set_tag(parent_id, "metadistil.failed_trials", str(failed))
+    now = int(time.time() * 1000)
+    client.log_batch(parent_id, metrics=[Metric(k, v, now, 0) for k, v in phases.items()])
     client.set_terminated(parent_id, "FINISHED" if failed == 0 else "FAILED")
+
+
+def register_best_student(uri: str, experiment: str, parent_id: str, sweep: str) -> tuple[str, str] | None:
+    """Register the student of the sweep's best trial (highest validation accuracy; test accuracy stays unseen by the
+    choice) as a new version of the registered model ``metadistil-<sweep>``; return (trial id, version)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    trials = client.search_runs([experiment_id(client, experiment)],
+                                f"tags.`mlflow.parentRunId` = '{parent_id}' and tags.`{ROLE}` = 'trial' "
+                                "and attributes.status = 'FINISHED'", max_results=10_000)
+    scored = [r for r in trials if "best_val_accuracy" in r.data.metrics]
+    if not scored:
+        return None
+    best = max(scored, key=lambda r: (r.data.metrics["best_val_accuracy"], r.data.tags[TRIAL_ID]))
+    name = f"metadistil-{sweep}"
+    if not client.search_registered_models(f"name = '{name}'"):
+        client.create_registered_model(name, description=f"Best student of the metadistil sweep {sweep!r}, "
+                                                         "chosen by validation accuracy.")
+    client.set_tag(parent_id, "metadistil.best_trial", best.data.tags[TRIAL_ID])
+    already = client.search_model_versions(f"name = '{name}' and run_id = '{best.info.run_id}'")
+    if already:  # a resumed sweep whose best trial did not change
+        return best.data.tags[TRIAL_ID], already[0].version
+    metrics = best.data.metrics
+    version = client.create_model_version(
+        name, source=f"{best.info.artifact_uri}/trial/student", run_id=best.info.run_id,
+        tags={TRIAL_ID: best.data.tags[TRIAL_ID], "best_val_accuracy": f"{metrics['best_val_accuracy']:.4f}",
+              "test_accuracy": f"{metrics.get('test_accuracy', float('nan')):.4f}", SWEEP: sweep})
+    return best.data.tags[TRIAL_ID], version.version

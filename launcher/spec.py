@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from trainer.config import (ALGORITHMS, ConfigError, NoiseConfig, StudentConfig, TrialConfig, apply_overrides,
                             parse_config)
 
-AXES = ("algorithm", "teacher_set", "student", "warmup", "noise", "seed")
+AXES = ("algorithm", "teacher_set", "student", "warmup", "noise", "seed", "workers")
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$"
 
 
@@ -60,13 +60,16 @@ class GridSpec(_Section):
     noise: list[str] | None = Field(None, min_length=1, description="Noise setting names (distillation only); "
                                     "null = no noise.")
     seed: list[int] = Field([42], min_length=1, description="Trial seeds.")
+    workers: list[int] | None = Field(None, min_length=1, description="Data-parallel workers per trial (Ray Train "
+                                      "DeepSpeed data parallel when > 1); null = resources.workers.")
     extra: dict[str, list[Any]] = Field(default_factory=dict, description="Any other dotted trial key and its values.")
 
 
 class ResourceSpec(_Section):
     cpus: float = Field(1.0, gt=0, description="CPUs per trial worker.")
     gpus: float = Field(0.0, ge=0, description="GPUs per trial worker.")
-    workers: int = Field(1, ge=1, description="Data-parallel workers per trial (Ray Train when > 1).")
+    workers: int = Field(1, ge=1, description="Data-parallel workers per trial (Ray Train when > 1); the grid's "
+                         "workers axis overrides it per trial.")
 
 
 class SweepSpec(_Section):
@@ -117,6 +120,7 @@ class Trial:
     axes: dict[str, Any]
     config: TrialConfig
     teachers: list[str] = field(default_factory=list)
+    workers: int = 1
 
 
 @dataclass
@@ -166,12 +170,12 @@ def expand(spec: SweepSpec, base: dict[str, Any]) -> Plan:
     if base.get("data", {}).get("path"):
         base["data"]["path"] = _absolute(base["data"]["path"])
     storage = Path(spec.storage_path)
-    teacher_trials = {name: _teacher_trial(name, recipe, base, storage)
+    teacher_trials = {name: _teacher_trial(name, recipe, base, storage, spec.resources.workers)
                       for name, recipe in spec.teachers.items() if recipe.finetune}
     g = spec.grid
     axes_values = {"algorithm": g.algorithm, "teacher_set": g.teacher_set or list(spec.teacher_sets),
                    "student": g.student or list(spec.students), "warmup": g.warmup, "noise": g.noise or [_off_name(spec)],
-                   "seed": g.seed, **g.extra}
+                   "seed": g.seed, "workers": g.workers or [spec.resources.workers], **g.extra}
     grid = [dict(zip(axes_values, values)) for values in itertools.product(*axes_values.values())]
     included = [c for c in spec.include if c not in grid]
     trials: dict[str, Trial] = {}
@@ -221,6 +225,8 @@ def _matches(combo: dict[str, Any], pattern: dict[str, Any]) -> bool:
 def trial_id(combo: dict[str, Any]) -> str:
     parts = [combo["algorithm"], combo.get("teacher_set") or "none", combo["student"], f"w{combo['warmup']:g}",
              combo["noise"], f"s{combo['seed']}"]
+    if combo.get("workers", 1) != 1:
+        parts.append(f"x{combo['workers']}")
     parts += [f"{k}={combo[k]}" for k in sorted(combo) if k not in AXES]
     return "__".join(str(p) for p in parts)
 
@@ -239,7 +245,10 @@ def _trial(combo: dict[str, Any], spec: SweepSpec, base: dict[str, Any], teacher
     raw["noise"] = spec.noise.get(combo["noise"], NoiseConfig()).model_dump()
     raw = apply_overrides(raw, [f"{k}={json.dumps(v)}" for k, v in combo.items() if k not in AXES])
     raw.setdefault("output", {})["dir"] = str(Path(spec.storage_path) / spec.name / "trials" / tid)
-    return Trial(tid, combo, _validated(raw, tid), members)
+    raw.setdefault("data", {}).setdefault("token_cache", token_cache_dir(spec.storage_path))
+    config = _validated(raw, tid)
+    _check_workers(config, combo["workers"], tid)
+    return Trial(tid, combo, config, members, combo["workers"])
 
 
 def _teacher_model(name: str, recipe: TeacherRecipe, teacher_trials: dict[str, Trial]) -> dict[str, Any]:
@@ -249,7 +258,7 @@ def _teacher_model(name: str, recipe: TeacherRecipe, teacher_trials: dict[str, T
             if v is not None}
 
 
-def _teacher_trial(name: str, recipe: TeacherRecipe, base: dict[str, Any], storage: Path) -> Trial:
+def _teacher_trial(name: str, recipe: TeacherRecipe, base: dict[str, Any], storage: Path, workers: int) -> Trial:
     ft = recipe.finetune
     raw = apply_overrides(base, [])
     for key in ("teachers", "warmup", "noise", "metadistil", "distill"):
@@ -263,7 +272,15 @@ def _teacher_trial(name: str, recipe: TeacherRecipe, base: dict[str, Any], stora
     raw.pop("tracking", None)
     digest = hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()[:12]
     raw["output"] = {"dir": str(storage / "teachers" / f"{name}-{digest}")}
-    return Trial(f"teacher__{name}", {"stage": "teacher", "teacher": name}, _validated(raw, f"teachers.{name}"))
+    raw["data"].setdefault("token_cache", token_cache_dir(storage))
+    config = _validated(raw, f"teachers.{name}")
+    _check_workers(config, workers, f"teachers.{name}")
+    return Trial(f"teacher__{name}", {"stage": "teacher", "teacher": name}, config, workers=workers)
+
+
+def token_cache_dir(storage_path: str | Path) -> str:
+    """One folder per storage path: token ids depend only on the tokenizer and the texts, so sweeps share it."""
+    return str(Path(storage_path) / "tokenized")
 
 
 def _absolute(value: str, must_exist: bool = True) -> str:
@@ -271,6 +288,24 @@ def _absolute(value: str, must_exist: bool = True) -> str:
     if "://" in value or value.startswith("package:") or (must_exist and not Path(value).exists()):
         return value
     return str(Path(value).resolve())
+
+
+def _check_workers(cfg: TrialConfig, workers: int, where: str) -> None:
+    """What several data-parallel workers need, checked before anything runs (the trainer checks again)."""
+    if workers == 1:
+        return
+    problems = []
+    if not cfg.deepspeed.enabled:
+        problems.append("deepspeed.enabled must be true (DeepSpeed averages the workers' gradients)")
+    if cfg.optim.batch_size % workers:
+        problems.append(f"optim.batch_size={cfg.optim.batch_size} must split evenly over {workers} workers")
+    if cfg.algorithm == "metadistil" and cfg.metadistil.quiz_batch_size % workers:
+        problems.append(f"metadistil.quiz_batch_size={cfg.metadistil.quiz_batch_size} must split evenly over "
+                        f"{workers} workers")
+    if cfg.algorithm == "metadistil" and cfg.metadistil.meta_gradient == "double_backward":
+        problems.append("metadistil.meta_gradient=double_backward runs on one worker only")
+    if problems:
+        raise ConfigError(f"trial {where} with workers={workers}: {'; '.join(problems)}")
 
 
 def _validated(raw: dict[str, Any], where: str) -> TrialConfig:

@@ -13,23 +13,33 @@ from pathlib import Path
 
 import torch
 
+from trainer.distributed import barrier, is_main, world
 from trainer.engine import Engine
 
 _STATE, _TRAINER, _TAG = "state.json", "trainer.pt", "engine"  # DeepSpeed itself writes a file "latest"
 
 
 def save(folder: Path, step: int, best: dict, engines: dict[str, Engine]) -> None:
-    """Write the checkpoint next to the old one, then swap, so a crash mid-write leaves the previous one intact."""
+    """Write the checkpoint next to the old one, then swap, so a crash mid-write leaves the previous one intact.
+
+    With several workers every worker calls this (DeepSpeed checkpoints are collective); the first one owns the folders.
+    """
     staging = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    if is_main():
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    barrier()
     for name, engine in engines.items():
         engine.save_checkpoint(str(staging / name), tag=_TAG)
-    torch.save({"best_state": best["state"], "rng": torch.get_rng_state()}, staging / _TRAINER)
-    (staging / _STATE).write_text(json.dumps({"step": step, "best_accuracy": best["accuracy"],
-                                              "best_step": best["step"]}))
-    shutil.rmtree(folder, ignore_errors=True)
-    staging.rename(folder)
+    torch.save(torch.get_rng_state(), staging / _rng_file())
+    barrier()
+    if is_main():
+        torch.save({"best_state": best["state"]}, staging / _TRAINER)
+        (staging / _STATE).write_text(json.dumps({"step": step, "best_accuracy": best["accuracy"],
+                                                  "best_step": best["step"]}))
+        shutil.rmtree(folder, ignore_errors=True)
+        staging.rename(folder)
+    barrier()
 
 
 def load(folder: Path, engines: dict[str, Engine]) -> tuple[int, dict] | None:
@@ -40,9 +50,14 @@ def load(folder: Path, engines: dict[str, Engine]) -> tuple[int, dict] | None:
     for name, engine in engines.items():
         engine.load_checkpoint(str(folder / name), tag=_TAG)
     extra = torch.load(folder / _TRAINER, map_location="cpu", weights_only=True)
-    torch.set_rng_state(extra["rng"])
+    torch.set_rng_state(torch.load(folder / _rng_file(), map_location="cpu", weights_only=True))
     best = {"accuracy": state["best_accuracy"], "step": state["best_step"], "state": extra["best_state"]}
     return state["step"], best
+
+
+def _rng_file() -> str:
+    """Each worker draws its own dropout masks, so each keeps its own RNG state."""
+    return f"rng_rank{world()[0]}.pt"
 
 
 def remove(folder: Path) -> None:

@@ -44,6 +44,8 @@ class DataConfig(_Section):
     max_length: int = Field(128, ge=8, le=4096, description="Tokens per text after truncation; batches pad to their "
                             "longest text.")
     split_seed: int | None = Field(None, ge=0, description="Seed of the split draw; null uses the trial seed.")
+    token_cache: str | None = Field(None, description="Folder of texts tokenized once per tokenizer (a sweep writes "
+                                    "it before its trials); texts not in it are tokenized on the fly. null = none.")
     train_subset_seed: int | None = Field(None, ge=0, description="Draw the train examples from the pool left after "
                                           "test, quiz and carved validation with this seed (teachers fine-tuned on "
                                           "different subsets); null takes the split draw's next train_size examples.")
@@ -91,9 +93,10 @@ class MetaDistilConfig(_Section):
                                "between (k=1 is the paper).")
     meta_gradient: Literal["forward_ad", "finite_difference", "double_backward"] = Field(
         "forward_ad", description="How the teacher's meta-gradient is computed. 'forward_ad': exact, first order, one "
-        "forward-mode Jacobian-vector product of the student. 'finite_difference': that product as a central "
-        "difference of two forwards (approximate; best with smooth students, ReLU kinks can bias it). 'double_backward': the naive second-order reference through the whole student "
-        "(slower; its models use eager attention).")
+        "forward-mode Jacobian-vector product of the student. 'finite_difference': that product as a one-sided "
+        "difference, one extra forward beside the pilot's (approximate, about 1e-4 relative error in fp32; cheapest; "
+        "ReLU kinks can bias it; not for bf16). 'double_backward': the naive second-order reference through the "
+        "whole student (slower; its models use eager attention).")
 
 
 class WarmupConfig(_Section):
@@ -185,6 +188,10 @@ class TrialConfig(_Section):
         if self.deepspeed.precision != "fp32" and not self.deepspeed.enabled:
             raise _KeyError("deepspeed.precision", f"{self.deepspeed.precision} needs deepspeed.enabled: true "
                             "(without DeepSpeed the trainer runs in fp32)")
+        if (self.algorithm == "metadistil" and self.metadistil.meta_gradient == "finite_difference"
+                and self.deepspeed.enabled and self.deepspeed.precision != "fp32"):
+            raise _KeyError("metadistil.meta_gradient", f"finite_difference needs fp32 parameters (its difference "
+                            f"quotient drowns in {self.deepspeed.precision} rounding); use forward_ad")
         if self.deepspeed.precision == "fp16" and self.device == "cpu":
             raise _KeyError("deepspeed.precision", "fp16 is not supported on CPU; use fp32 or bf16")
         return self

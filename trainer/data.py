@@ -12,6 +12,7 @@ import torch
 
 from trainer.config import ConfigError, DataConfig, NoiseConfig
 from trainer.noise import add_noise, build_vocabulary, noise_rng
+from trainer.tokenized import TokenCache
 
 _FORMATS = {".tsv": "csv", ".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 _SPLIT_NAMES = {"train": ("train",), "validation": ("validation", "dev", "valid", "val"), "test": ("test",)}
@@ -81,6 +82,11 @@ def load_splits(cfg: DataConfig, seed: int) -> Splits:
     if min(all_labels) < 0:
         raise ConfigError(f"data.label_column: labels must be integers >= 0, found {min(all_labels)}")
     return Splits(train, quiz, validation, test, num_labels=max(2, max(all_labels) + 1))
+
+
+def all_texts(cfg: DataConfig) -> list[str]:
+    """Every text of the data source, whichever split a seed puts it in (what a token cache must hold)."""
+    return [t for part in _load_raw(cfg).values() for t in part.texts]
 
 
 def _load_raw(cfg: DataConfig) -> dict[str, TextSet]:
@@ -186,19 +192,26 @@ class Collator:
     """Turns example indices into a Batch: noise per role, then one tokenization per distinct tokenizer and text."""
 
     def __init__(self, student_tokenizer, teacher_tokenizers: Sequence, max_length: int, noise: NoiseConfig,
-                 seed: int, vocabulary: Sequence[str] = ()):
+                 seed: int, vocabulary: Sequence[str] = (), token_cache: str | None = None):
         self.student_tokenizer = student_tokenizer
         self.teacher_tokenizers = list(teacher_tokenizers)
         self.max_length = max_length
         self.noise = noise
         self.seed = seed
         self.vocabulary = list(vocabulary)
+        self.caches = {}
+        if token_cache:
+            for tokenizer in [student_tokenizer, *self.teacher_tokenizers]:
+                found = TokenCache.load(token_cache, tokenizer, max_length)
+                if found:
+                    self.caches[id(tokenizer)] = found
 
     @classmethod
-    def for_training(cls, student_tokenizer, teacher_tokenizers, max_length, noise, seed, train: TextSet) -> Collator:
+    def for_training(cls, student_tokenizer, teacher_tokenizers, max_length, noise, seed, train: TextSet,
+                     token_cache: str | None = None) -> Collator:
         needs_vocab = any(side.p > 0 and side.mode == "vocab" for side in (noise.teacher, noise.student))
         return cls(student_tokenizer, teacher_tokenizers, max_length, noise, seed,
-                   build_vocabulary(train.texts) if needs_vocab else ())
+                   build_vocabulary(train.texts) if needs_vocab else (), token_cache)
 
     def _noisy(self, data: TextSet, indices: Sequence[int], role: str, epoch: int | None) -> list[str]:
         side = getattr(self.noise, role)
@@ -210,6 +223,10 @@ class Collator:
                 for t, i in zip(texts, indices)]
 
     def _tokenize(self, tokenizer, texts: list[str]) -> dict[str, torch.Tensor]:
+        cache = self.caches.get(id(tokenizer))
+        cached = cache.encode(texts) if cache else None
+        if cached is not None:
+            return cached
         enc = tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
         return {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask")}
 

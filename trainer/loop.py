@@ -20,8 +20,9 @@ from tqdm.auto import tqdm
 
 from trainer import checkpoint
 from trainer.algorithms import KD, FineTune, MetaDistil
-from trainer.config import TrialConfig, flatten
+from trainer.config import ConfigError, TrialConfig, flatten
 from trainer.data import Batch, Collator, Splits, TextSet, index_batches, load_splits
+from trainer.distributed import is_main, shard, world
 from trainer.engine import wrap
 from trainer.evaluation import accuracy
 from trainer.logging import Logger, Loggers, StdoutLogger
@@ -66,13 +67,13 @@ def _run(cfg: TrialConfig, log: Loggers, progress: bool, on_eval, checkpoint_dir
     teachers = [load_model(spec, splits.num_labels, f"teachers.{i}", attn) for i, spec in enumerate(cfg.teachers)]
     student = _load_student(cfg, splits.num_labels, attn)
     collate = Collator.for_training(student.tokenizer, [t.tokenizer for t in teachers], cfg.data.max_length,
-                                    cfg.noise, cfg.seed, splits.train)
+                                    cfg.noise, cfg.seed, splits.train, cfg.data.token_cache)
     sizes = _model_sizes(student, teachers)
     log.log_metrics({**{f"data_{k}": v for k, v in splits.sizes().items()}, **sizes}, step=0)
 
     opt = cfg.optim
     student_engine = wrap(student.model.to(device).train(), opt.lr, opt.weight_decay, cfg.deepspeed,
-                          opt.batch_size, opt.grad_clip)
+                          _worker_batch(opt.batch_size, "optim.batch_size"), opt.grad_clip)
     timer = PhaseTimer(device)
     steps_per_epoch = math.ceil(len(splits.train) / opt.batch_size)
     warmup_steps = math.ceil(cfg.warmup.epochs * steps_per_epoch)
@@ -103,9 +104,11 @@ def _run(cfg: TrialConfig, log: Loggers, progress: bool, on_eval, checkpoint_dir
     metrics = {"best_val_accuracy": best["accuracy"], "best_step": best["step"], "test_accuracy": test_acc,
                "warmup_steps": warmup_steps, "train_steps": total, **sizes, **timer.summary()}
     log.log_metrics(metrics, step=warmup_steps + total)
-    out = _save(cfg, student_engine.module, student.tokenizer, algorithm, teachers, metrics, log)
-    if checkpoint_dir:
-        checkpoint.remove(checkpoint_dir)  # the trial is complete; its outputs replace the checkpoint
+    out = Path(cfg.output.dir)
+    if is_main():
+        _save(cfg, student_engine.module, student.tokenizer, algorithm, teachers, metrics, log)
+        if checkpoint_dir:
+            checkpoint.remove(checkpoint_dir)  # the trial is complete; its outputs replace the checkpoint
     return TrialResult(metrics, out)
 
 
@@ -119,7 +122,7 @@ def _train(algorithm, train: TextSet, collate: Collator, steps: int, cfg: TrialC
     bar = tqdm(total=steps, initial=start, desc=phase, disable=not progress, dynamic_ncols=True)
     stream = itertools.islice(_stream(len(train), cfg.optim.batch_size, stream_seed, steps), start, None)
     for step, (epoch, indices) in enumerate(stream, start=start):
-        batch = collate(train, indices, epoch if noisy else None, with_teachers).to(device)
+        batch = collate(train, shard(indices), epoch if noisy else None, with_teachers).to(device)
         with timer(f"{phase}_step"):
             losses = algorithm.train_step(batch, step)
         bad = {k: v for k, v in losses.items() if not math.isfinite(v)}
@@ -160,13 +163,21 @@ def _quiz_stream(quiz: TextSet, collate: Collator, batch_size: int, seed: int, d
     """Quiz batches; draw i depends only on (seed, i), so a resumed trial continues the same sequence."""
     for draw in itertools.count(start):
         indices = np.random.default_rng([seed, 7, draw]).choice(len(quiz), size=batch_size, replace=False)
-        yield collate(quiz, indices, epoch=None, with_teachers=False).to(device)
+        yield collate(quiz, shard(indices), epoch=None, with_teachers=False).to(device)
 
 
 def _wrap_teacher(cfg: TrialConfig, teacher: Loaded, device: torch.device):
     # Teachers run without dropout: their logits are the student's targets. They still learn (meta-updates).
     return wrap(teacher.model.to(device).eval(), cfg.metadistil.teacher_lr, cfg.optim.weight_decay, cfg.deepspeed,
-                cfg.optim.batch_size, cfg.optim.grad_clip)
+                _worker_batch(cfg.optim.batch_size, "optim.batch_size"), cfg.optim.grad_clip)
+
+
+def _worker_batch(batch_size: int, key: str) -> int:
+    """Each worker's share of a global batch; the global batch is the trial's, whatever the number of workers."""
+    workers = world()[1]
+    if batch_size % workers:
+        raise ConfigError(f"{key}: {batch_size} does not split evenly over {workers} workers")
+    return batch_size // workers
 
 
 def _build_algorithm(cfg: TrialConfig, engines: dict, teachers: list[Loaded], splits: Splits, collate: Collator,
@@ -178,6 +189,7 @@ def _build_algorithm(cfg: TrialConfig, engines: dict, teachers: list[Loaded], sp
         frozen = [t.model.to(device).eval().requires_grad_(False) for t in teachers]
         return KD(student_engine, frozen, cfg.distill)
     k = cfg.metadistil.meta_interval
+    _worker_batch(cfg.metadistil.quiz_batch_size, "metadistil.quiz_batch_size")
     quiz = _quiz_stream(splits.quiz, collate, cfg.metadistil.quiz_batch_size, cfg.seed, device,
                         start=(start + k - 1) // k)  # meta steps already taken
     teacher_engines = [engines[f"teacher_{i}"] for i in range(len(teachers))]
@@ -201,7 +213,7 @@ def _model_sizes(student: Loaded, teachers: list[Loaded]) -> dict[str, float]:
 
 
 def _save(cfg: TrialConfig, model, tokenizer, algorithm, teachers: list[Loaded], metrics: dict,
-          log: Loggers) -> Path:
+          log: Loggers) -> None:
     out = Path(cfg.output.dir)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out / "student")
@@ -213,7 +225,6 @@ def _save(cfg: TrialConfig, model, tokenizer, algorithm, teachers: list[Loaded],
     (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     log.log_artifacts(out, "trial")
-    return out
 
 
 def _cpu_copy(module: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -49,7 +49,7 @@ def display_label(spec: ModelConfig) -> str:
 
 def load_model(spec: ModelConfig, num_labels: int, key: str, attn_implementation: str | None = None) -> Loaded:
     """Load an AutoModelForSequenceClassification and its tokenizer; ``key`` (e.g. 'teachers[1]') names it in errors."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForSequenceClassification
 
     name = resolve_name(spec.name)
     try:
@@ -64,12 +64,17 @@ def load_model(spec: ModelConfig, num_labels: int, key: str, attn_implementation
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     model = AutoModelForSequenceClassification.from_pretrained(name, **kwargs)
-    tokenizer_name = resolve_name(spec.tokenizer) if spec.tokenizer else name
+    return Loaded(model, load_tokenizer(spec, key), display_label(spec))
+
+
+def load_tokenizer(spec: ModelConfig, key: str):
+    from transformers import AutoTokenizer
+
+    tokenizer_name = resolve_name(spec.tokenizer or spec.name)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_name)
+        return AutoTokenizer.from_pretrained(tokenizer_name)
     except Exception as err:
         raise ConfigError(f"{key}.tokenizer: cannot load tokenizer {tokenizer_name!r}: {err}") from None
-    return Loaded(model, tokenizer, display_label(spec))
 
 
 def layer_count(model: nn.Module) -> int:

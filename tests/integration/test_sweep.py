@@ -35,7 +35,7 @@ def spec_file(tmp_path, model_dirs, nan_teacher, name):
         "base": {"data": {"name": "synthetic", "train_size": 160, "quiz_size": 16, "validation_size": 64,
                           "test_size": 64, "max_length": 32},
                  "optim": {"lr": 3e-3, "batch_size": 16, "max_steps": 6}, "eval": {"every_steps": 3},
-                 "metadistil": {"quiz_batch_size": 8}, "deepspeed": {"enabled": False},
+                 "metadistil": {"quiz_batch_size": 8}, "deepspeed": {"enabled": True},
                  "tracking": {"mlflow_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}},
         "teachers": {"bert": {"checkpoint": model_dirs["bert"], "label": "BERT"},
                      "roberta": {"finetune": {"model": model_dirs["roberta"], "overrides": {"optim.max_steps": 4}},
@@ -46,6 +46,8 @@ def spec_file(tmp_path, model_dirs, nan_teacher, name):
         "grid": {"algorithm": ["finetune", "kd", "metadistil"], "seed": [1]},
         "exclude": [{"algorithm": "kd", "teacher_set": "bert+roberta"},
                     {"algorithm": "metadistil", "teacher_set": "broken"}],
+        # a Ray Train trial: two DeepSpeed data-parallel workers (gloo)
+        "include": [{"algorithm": "kd", "teacher_set": "bert", "student": "distil", "workers": 2}],
         "resources": {"cpus": 1}, "max_concurrent_trials": 2, "max_failures": 0,
         "storage_path": str(tmp_path / "storage"),
     }
@@ -65,7 +67,7 @@ def children(uri, parent):
 def test_sweep_runs_resumes_and_caches_teachers(tmp_path, model_dirs, nan_teacher, local_ray):
     plan = expand(*load_spec(spec_file(tmp_path, model_dirs, nan_teacher, "alpha")))
     ids = sorted(t.id for t in plan.trials)
-    assert len(ids) == 5  # finetune, kd x {bert, broken}, metadistil x {bert, bert+roberta}
+    assert len(ids) == 6  # finetune, kd x {bert, broken}, metadistil x {bert, bert+roberta}, kd on 2 workers
     first = run_sweep(plan, verbose=0)
     broken = "kd__broken__distil__w0__off__s1"
     assert set(first.failed) == {broken} and "kd=nan" in first.failed[broken]
@@ -78,10 +80,25 @@ def test_sweep_runs_resumes_and_caches_teachers(tmp_path, model_dirs, nan_teache
     assert two.info.status == "FINISHED" and two.data.tags["teachers"] == "BERT,RoBERTa"
     assert two.data.params["teachers.count"] == "2" and 0 <= two.data.metrics["test_accuracy"] <= 1
     assert {r.data.tags[runs.ROLE] for r in kids} == {"teacher", "trial"}
+    dp = by_id["kd__bert__distil__w0__off__s1__x2"]
+    assert dp.info.status == "FINISHED" and dp.data.tags["workers"] == "2"
+    assert dp.data.metrics["train_steps"] == 6 and 0 <= dp.data.metrics["test_accuracy"] <= 1
+    one = by_id["kd__bert__distil__w0__off__s1"]
+    assert set(dp.data.params) == set(one.data.params)  # one MLflow run per trial, whatever its worker count
     params_of = [set(r.data.params) for r in kids if r.data.params.get("teachers.count") == "1"]
     assert all(p == params_of[0] for p in params_of), "trials with one teacher must share their param keys"
 
+    from mlflow.tracking import MlflowClient
+
+    scores = {t: r.data.metrics["best_val_accuracy"] for t, r in by_id.items()
+              if r.data.tags[runs.ROLE] == "trial" and r.info.status == "FINISHED"}
+    best_trial, version = first.best
+    assert scores[best_trial] == max(scores.values())
+    registered = MlflowClient(first.tracking_uri).get_model_version("metadistil-alpha", version)
+    assert registered.run_id == by_id[best_trial].info.run_id and registered.source.endswith("/trial/student")
+
     resumed = run_sweep(plan, resume=True, verbose=0)
+    assert resumed.best == first.best, "a resume registered the same student again"
     assert resumed.parent_run_id == first.parent_run_id
     assert sorted(resumed.skipped) == sorted(set(by_id) - {broken})
     assert resumed.finished == [] and set(resumed.failed) == {broken}

@@ -98,3 +98,31 @@ def test_trial_ids_are_stable():
     combo = {"algorithm": "kd", "teacher_set": "bert", "student": "distil", "warmup": 1.0, "noise": "clean",
              "seed": 3, "distill.alpha": 0.9}
     assert trial_id(combo) == "kd__bert__distil__w1__clean__s3__distill.alpha=0.9"
+
+
+def test_workers_axis(tmp_path):
+    spec = {**SPEC, "base": {**SPEC["base"], "deepspeed": {"enabled": True}, "optim": {"batch_size": 16}},
+            "grid": {"algorithm": ["kd", "metadistil"], "teacher_set": ["bert"], "student": ["distil"]},
+            "resources": {"workers": 1},
+            "include": [{"algorithm": "metadistil", "teacher_set": "bert", "student": "distil", "workers": 2}]}
+    plan = plan_of(tmp_path, spec)
+    assert [(t.axes["algorithm"], t.workers) for t in plan.trials] == [("kd", 1), ("metadistil", 1),
+                                                                      ("metadistil", 2)]
+    assert plan.trials[2].id == "metadistil__bert__distil__w0__clean__s42__x2"
+    assert plan.trials[0].id == "kd__bert__distil__w0__clean__s42"  # one worker keeps the id it always had
+    assert plan_of(tmp_path, {**spec, "resources": {"workers": 2}, "include": []}).trials[0].workers == 2
+
+
+@pytest.mark.parametrize(("base", "message"), [
+    ({"deepspeed": {"enabled": False}}, "workers=2: deepspeed.enabled must be true"),
+    ({"deepspeed": {"enabled": True}, "optim": {"batch_size": 15}}, "optim.batch_size=15 must split evenly"),
+    ({"deepspeed": {"enabled": True}, "metadistil": {"quiz_batch_size": 7}},
+     "metadistil.quiz_batch_size=7 must split evenly"),
+    ({"deepspeed": {"enabled": True}, "metadistil": {"quiz_batch_size": 8, "meta_gradient": "double_backward"}},
+     "double_backward runs on one worker only"),
+])
+def test_multi_worker_trials_are_checked_before_running(tmp_path, base, message):
+    spec = {**SPEC, "base": {**SPEC["base"], **base}, "grid": {"algorithm": ["metadistil"], "teacher_set": ["bert"],
+                                                              "student": ["distil"], "workers": [2]}}
+    with pytest.raises(ConfigError, match=message):
+        plan_of(tmp_path, spec)

@@ -1,0 +1,106 @@
+"""Texts tokenized once per tokenizer: a sweep prepares them before its trials, which then look them up.
+
+A cache file holds, for one tokenizer (identified by its content, not its name: a teacher fine-tuned by the sweep
+saves a copy of its base model's tokenizer) and one ``max_length``, the truncated token ids of every text of the
+sweep's data. Batches are padded from it exactly as the tokenizer would pad them. Texts it does not hold (noisy
+texts, which change every epoch) are tokenized on the fly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+
+def cache_key(tokenizer, max_length: int) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    identity = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
+    digest = hashlib.sha256(f"{identity}|{max_length}|{tokenizer.padding_side}".encode()).hexdigest()
+    return f"{digest[:16]}-len{max_length}"
+
+
+class TokenCache:
+    def __init__(self, ids: dict[str, list[int]], pad_id: int, padding_side: str):
+        self.ids = ids
+        self.pad_id = pad_id
+        self.padding_side = padding_side
+
+    @classmethod
+    def build(cls, tokenizer, texts: Sequence[str], max_length: int) -> TokenCache:
+        unique = list(dict.fromkeys(texts))
+        encoded = tokenizer(unique, truncation=True, max_length=max_length)["input_ids"]
+        return cls(dict(zip(unique, encoded)), tokenizer.pad_token_id, tokenizer.padding_side)
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".partial")  # trials of a resumed sweep must never see half a file
+        torch.save({"ids": self.ids, "pad_id": self.pad_id, "padding_side": self.padding_side}, partial)
+        partial.replace(path)
+
+    @classmethod
+    def load(cls, folder: str | Path, tokenizer, max_length: int) -> TokenCache | None:
+        path = Path(folder) / f"{cache_key(tokenizer, max_length)}.pt"
+        if not path.is_file():
+            return None
+        state = torch.load(path, weights_only=True)
+        return cls(state["ids"], state["pad_id"], state["padding_side"])
+
+    def encode(self, texts: Sequence[str]) -> dict[str, torch.Tensor] | None:
+        """Padded input_ids and attention_mask, as the tokenizer returns them; None if a text is not cached."""
+        try:
+            rows = [self.ids[t] for t in texts]
+        except KeyError:
+            return None
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            span = slice(0, len(row)) if self.padding_side == "right" else slice(width - len(row), width)
+            ids[i, span] = torch.tensor(row, dtype=torch.long)
+            mask[i, span] = 1
+        return {"input_ids": ids, "attention_mask": mask}
+
+
+def prepare_token_caches(configs: Sequence) -> list[Path]:
+    """Write the token cache of every tokenizer the trials (``TrialConfig``s with ``data.token_cache``) will use.
+
+    A tokenizer that cannot be loaded yet (a teacher the sweep has still to fine-tune) is skipped: it is a copy of its
+    base model's, which is prepared for the fine-tuning trial and found again by content. An existing cache is
+    extended with texts it lacks, never rebuilt from scratch.
+    """
+    from trainer.config import ConfigError
+    from trainer.data import all_texts
+    from trainer.models import load_tokenizer
+
+    texts: dict[str, list[str]] = {}  # data config -> its texts, loaded once
+    tokenizers: dict[str, object] = {}  # tokenizer source -> tokenizer (None: not loadable yet)
+    wanted: dict[Path, tuple[object, int, set[str]]] = {}  # cache file -> (tokenizer, max_length, data configs)
+    for cfg in configs:
+        if not cfg.data.token_cache:
+            continue
+        data_key = cfg.data.model_dump_json(exclude={"token_cache", "train_subset_seed", "split_seed"})
+        for i, spec in enumerate([cfg.student, *cfg.teachers]):
+            source = spec.tokenizer or spec.name
+            if source not in tokenizers:
+                try:
+                    tokenizers[source] = load_tokenizer(spec, "student" if i == 0 else f"teachers.{i - 1}")
+                except ConfigError:
+                    tokenizers[source] = None
+            if tokenizers[source] is None:
+                continue
+            if data_key not in texts:
+                texts[data_key] = all_texts(cfg.data)
+            path = Path(cfg.data.token_cache) / f"{cache_key(tokenizers[source], cfg.data.max_length)}.pt"
+            wanted.setdefault(path, (tokenizers[source], cfg.data.max_length, set()))[2].add(data_key)
+    for path, (tokenizer, max_length, data_keys) in wanted.items():
+        needed = [t for k in sorted(data_keys) for t in texts[k]]
+        cache = TokenCache.load(path.parent, tokenizer, max_length)
+        missing = needed if cache is None else [t for t in needed if t not in cache.ids]
+        if missing:
+            fresh = TokenCache.build(tokenizer, missing, max_length)
+            fresh.ids = {**(cache.ids if cache else {}), **fresh.ids}
+            fresh.save(path)
+    return list(wanted)
