@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,6 +120,10 @@ def times_smaller(student_params: int, teacher_params: list[int]) -> float:
 def pick_device(choice: str) -> torch.device:
     if choice == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device: 'cuda' was asked for but no CUDA device is available")
-    if choice == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(choice)
+    kind = ("cuda" if torch.cuda.is_available() else "cpu") if choice == "auto" else choice
+    if kind == "cuda":
+        # each data-parallel worker of a node drives its own GPU (Ray Train and DeepSpeed's launcher set LOCAL_RANK)
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device(kind)
