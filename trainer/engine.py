@@ -141,14 +141,19 @@ def _merge(base: dict[str, Any], user: dict[str, Any]) -> None:
             base[key] = value
 
 
-def _ensure_process_group_env() -> None:
-    """A single process outside any launcher still needs a (world size 1) process group for DeepSpeed."""
-    if "MASTER_PORT" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
-    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
-        os.environ.setdefault(key, value)
+def _single_process_group_env() -> None:
+    """A single process outside any launcher still needs a (world size 1) process group for DeepSpeed.
+
+    Under a launcher (WORLD_SIZE > 1: Ray Train, torchrun) its variables stand. Otherwise the group gets a fresh port
+    of its own: an inherited MASTER_PORT is not ours to use (a Ray worker inherits the environment of the process that
+    started Ray, which may hold a group on that very port: EADDRINUSE).
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(MASTER_PORT=str(port), MASTER_ADDR="127.0.0.1", RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
 
 
 def wrap(module: nn.Module, lr: float, weight_decay: float, cfg: DeepSpeedConfig, batch_size: int,
@@ -166,8 +171,8 @@ def wrap(module: nn.Module, lr: float, weight_decay: float, cfg: DeepSpeedConfig
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     import deepspeed
 
-    _ensure_process_group_env()
     if not torch.distributed.is_initialized():
+        _single_process_group_env()
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, config=config)
     return engine
