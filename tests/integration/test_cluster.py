@@ -10,6 +10,7 @@ stays within minutes; the submission test runs configs/sweep/demo.yaml exactly a
 from __future__ import annotations
 
 import os
+import random
 import re
 import shutil
 import signal
@@ -33,10 +34,27 @@ BIN = Path(sys.executable).parent  # the venv's ray, mlflow and metadistil
 README_SUBMIT = "cluster/submit.sh configs/sweep/demo.yaml"
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port from 20000-32767: below the kernel's ephemeral range (32768+), which is where every socket Ray's
+    own processes bind to port 0 lands, and above Ray's worker ports (10002-19999). A port picked from the ephemeral
+    range can be taken by one of them between being picked and being used (seen: the head's client server dying with
+    EADDRINUSE, and the whole head with it)."""
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randrange(20000, 32768)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    raise RuntimeError("no free port in 20000-32767")
 
 
 def wait_for(what: str, check, timeout: float, every: float = 1.0):
