@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from trainer.config import (ALGORITHMS, ConfigError, NoiseConfig, StudentConfig, TrialConfig, apply_overrides,
                             parse_config)
+from trainer.distributed import check_workers
 
 AXES = ("algorithm", "teacher_set", "student", "warmup", "noise", "seed", "workers")
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$"
@@ -291,21 +292,10 @@ def _absolute(value: str, must_exist: bool = True) -> str:
 
 
 def _check_workers(cfg: TrialConfig, workers: int, where: str) -> None:
-    """What several data-parallel workers need, checked before anything runs (the trainer checks again)."""
-    if workers == 1:
-        return
-    problems = []
-    if not cfg.deepspeed.enabled:
-        problems.append("deepspeed.enabled must be true (DeepSpeed averages the workers' gradients)")
-    if cfg.optim.batch_size % workers:
-        problems.append(f"optim.batch_size={cfg.optim.batch_size} must split evenly over {workers} workers")
-    if cfg.algorithm == "metadistil" and cfg.metadistil.quiz_batch_size % workers:
-        problems.append(f"metadistil.quiz_batch_size={cfg.metadistil.quiz_batch_size} must split evenly over "
-                        f"{workers} workers")
-    if cfg.algorithm == "metadistil" and cfg.metadistil.meta_gradient == "double_backward":
-        problems.append("metadistil.meta_gradient=double_backward runs on one worker only")
-    if problems:
-        raise ConfigError(f"trial {where} with workers={workers}: {'; '.join(problems)}")
+    try:
+        check_workers(cfg, workers)
+    except ConfigError as err:
+        raise ConfigError(f"trial {where} {err}") from None
 
 
 def _validated(raw: dict[str, Any], where: str) -> TrialConfig:

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from trainer.config import ConfigError, TrialConfig
+
 
 def world() -> tuple[int, int]:
     """(rank, world size) of this process; (0, 1) without a process group."""
@@ -47,3 +49,22 @@ def average(tensors: Sequence[torch.Tensor]) -> None:
 def barrier() -> None:
     if world()[1] > 1:
         torch.distributed.barrier()
+
+
+def check_workers(cfg: TrialConfig, workers: int) -> None:
+    """What ``workers`` data-parallel workers need of a trial config: checked by a sweep's
+    ``--dry-run`` before anything runs, and by the trainer at the start of a trial."""
+    if workers == 1:
+        return
+    problems = []
+    if not cfg.deepspeed.enabled:
+        problems.append("deepspeed.enabled must be true (DeepSpeed averages the workers' gradients)")
+    if cfg.optim.batch_size % workers:
+        problems.append(f"optim.batch_size={cfg.optim.batch_size} must split evenly over {workers} workers")
+    if cfg.algorithm == "metadistil" and cfg.metadistil.quiz_batch_size % workers:
+        problems.append(f"metadistil.quiz_batch_size={cfg.metadistil.quiz_batch_size} must split evenly over "
+                        f"{workers} workers")
+    if cfg.algorithm == "metadistil" and cfg.metadistil.meta_gradient == "double_backward":
+        problems.append("metadistil.meta_gradient=double_backward runs on one worker only")
+    if problems:
+        raise ConfigError(f"with workers={workers}: {'; '.join(problems)}")

@@ -18,7 +18,6 @@ import torch
 from torch import nn
 
 from trainer.config import ConfigError, DeepSpeedConfig
-from trainer.distributed import world
 
 
 class Engine(Protocol):
@@ -163,9 +162,6 @@ def wrap(module: nn.Module, lr: float, weight_decay: float, cfg: DeepSpeedConfig
     optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=lr,
                                   weight_decay=weight_decay, fused=True)
     if not cfg.enabled:
-        if world()[1] > 1:
-            raise ConfigError("deepspeed.enabled: several workers need DeepSpeed (it averages their gradients); "
-                              "set deepspeed.enabled: true")
         return TorchEngine(module, optimizer, grad_clip)
     config = deepspeed_config(cfg, batch_size, grad_clip)  # a bad config_path fails before any process group exists
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")

@@ -20,9 +20,9 @@ from tqdm.auto import tqdm
 
 from trainer import checkpoint
 from trainer.algorithms import KD, FineTune, MetaDistil
-from trainer.config import ConfigError, TrialConfig, flatten
+from trainer.config import TrialConfig, flatten
 from trainer.data import Batch, Collator, Splits, TextSet, index_batches, load_splits
-from trainer.distributed import is_main, shard, world
+from trainer.distributed import check_workers, is_main, shard, world
 from trainer.engine import wrap
 from trainer.evaluation import accuracy
 from trainer.logging import Logger, Loggers, StdoutLogger
@@ -60,6 +60,7 @@ def run_trial(cfg: TrialConfig, loggers: list[Logger] | None = None, progress: b
 
 
 def _run(cfg: TrialConfig, log: Loggers, progress: bool, on_eval, checkpoint_dir: Path | None) -> TrialResult:
+    check_workers(cfg, world()[1])
     _seed_everything(cfg.seed)
     device = pick_device(cfg.device)
     splits = load_splits(cfg.data, cfg.seed)
@@ -73,7 +74,7 @@ def _run(cfg: TrialConfig, log: Loggers, progress: bool, on_eval, checkpoint_dir
 
     opt = cfg.optim
     student_engine = wrap(student.model.to(device).train(), opt.lr, opt.weight_decay, cfg.deepspeed,
-                          _worker_batch(opt.batch_size, "optim.batch_size"), opt.grad_clip)
+                          _worker_batch(opt.batch_size), opt.grad_clip)
     timer = PhaseTimer(device)
     steps_per_epoch = math.ceil(len(splits.train) / opt.batch_size)
     warmup_steps = math.ceil(cfg.warmup.epochs * steps_per_epoch)
@@ -169,15 +170,12 @@ def _quiz_stream(quiz: TextSet, collate: Collator, batch_size: int, seed: int, d
 def _wrap_teacher(cfg: TrialConfig, teacher: Loaded, device: torch.device):
     # Teachers run without dropout: their logits are the student's targets. They still learn (meta-updates).
     return wrap(teacher.model.to(device).eval(), cfg.metadistil.teacher_lr, cfg.optim.weight_decay, cfg.deepspeed,
-                _worker_batch(cfg.optim.batch_size, "optim.batch_size"), cfg.optim.grad_clip)
+                _worker_batch(cfg.optim.batch_size), cfg.optim.grad_clip)
 
 
-def _worker_batch(batch_size: int, key: str) -> int:
+def _worker_batch(batch_size: int) -> int:
     """Each worker's share of a global batch; the global batch is the trial's, whatever the number of workers."""
-    workers = world()[1]
-    if batch_size % workers:
-        raise ConfigError(f"{key}: {batch_size} does not split evenly over {workers} workers")
-    return batch_size // workers
+    return batch_size // world()[1]
 
 
 def _build_algorithm(cfg: TrialConfig, engines: dict, teachers: list[Loaded], splits: Splits, collate: Collator,
@@ -189,7 +187,6 @@ def _build_algorithm(cfg: TrialConfig, engines: dict, teachers: list[Loaded], sp
         frozen = [t.model.to(device).eval().requires_grad_(False) for t in teachers]
         return KD(student_engine, frozen, cfg.distill)
     k = cfg.metadistil.meta_interval
-    _worker_batch(cfg.metadistil.quiz_batch_size, "metadistil.quiz_batch_size")
     quiz = _quiz_stream(splits.quiz, collate, cfg.metadistil.quiz_batch_size, cfg.seed, device,
                         start=(start + k - 1) // k)  # meta steps already taken
     teacher_engines = [engines[f"teacher_{i}"] for i in range(len(teachers))]

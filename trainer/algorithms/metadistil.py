@@ -23,9 +23,9 @@ from torch.func import functional_call, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from trainer.algorithms.kd import KD
-from trainer.config import ConfigError, DistillConfig, MetaDistilConfig
+from trainer.config import DistillConfig, MetaDistilConfig
 from trainer.data import Batch
-from trainer.distributed import average, world
+from trainer.distributed import average
 from trainer.engine import Engine, apply_gradients
 from trainer.losses import average_logits, cross_entropy
 from trainer.metrics import PhaseTimer
@@ -51,9 +51,6 @@ class MetaDistil(KD):
 
     def meta_step(self, batch: Batch, quiz: Batch) -> dict[str, float]:
         if self.meta.meta_gradient == "double_backward":
-            if world()[1] > 1:
-                raise ConfigError("metadistil.meta_gradient: double_backward runs on one worker only; use "
-                                  "forward_ad or finite_difference with several workers")
             # Fused attention kernels have no double backward; the reference route runs on the math kernel.
             with sdpa_kernel(SDPBackend.MATH):
                 return self._meta_step(batch, quiz)
