@@ -2,24 +2,35 @@
 
 A checkpoint holds every trainable engine (weights and optimizer state, through the engines' own
 save_checkpoint/load_checkpoint), the best-validation student so far, the step, and the torch RNG state, so the
-continuation draws the same dropout masks an uninterrupted run would have.
+continuation draws the same dropout masks an uninterrupted run would have. It also records the fingerprint of the
+trial config it was written for: a sweep rerun with a changed config reuses the trial ids, and a checkpoint of the old
+config must not be continued by the new one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
 
+from trainer.config import TrialConfig
 from trainer.distributed import barrier, is_main, world
 from trainer.engine import Engine
 
 _STATE, _TRAINER, _TAG = "state.json", "trainer.pt", "engine"  # DeepSpeed itself writes a file "latest"
 
 
-def save(folder: Path, step: int, best: dict, engines: dict[str, Engine]) -> None:
+def fingerprint(cfg: TrialConfig) -> str:
+    """What a checkpoint must match to be continued: the whole trial config except where it is logged."""
+    payload = cfg.model_dump(mode="json", exclude={"tracking"})
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def save(folder: Path, step: int, best: dict, engines: dict[str, Engine], config: str) -> None:
     """Write the checkpoint next to the old one, then swap, so a crash mid-write leaves the previous one intact.
 
     With several workers every worker calls this (DeepSpeed checkpoints are collective); the first one owns the folders.
@@ -36,17 +47,23 @@ def save(folder: Path, step: int, best: dict, engines: dict[str, Engine]) -> Non
     if is_main():
         torch.save({"best_state": best["state"]}, staging / _TRAINER)
         (staging / _STATE).write_text(json.dumps({"step": step, "best_accuracy": best["accuracy"],
-                                                  "best_step": best["step"]}))
+                                                  "best_step": best["step"], "config": config}))
         shutil.rmtree(folder, ignore_errors=True)
         staging.rename(folder)
     barrier()
 
 
-def load(folder: Path, engines: dict[str, Engine]) -> tuple[int, dict] | None:
-    """Restore engines and RNG from ``folder``; return (step, best) or None when there is no checkpoint."""
+def load(folder: Path, engines: dict[str, Engine], config: str) -> tuple[int, dict] | None:
+    """Restore engines and RNG from ``folder``; return (step, best), or None when there is no checkpoint or it was
+    written for another config (``fingerprint``): the trial then starts afresh and its first save replaces it."""
     if not (folder / _STATE).is_file():
         return None
     state = json.loads((folder / _STATE).read_text())
+    if state.get("config") != config:
+        warnings.warn(f"{folder}: a checkpoint of step {state['step']} written for a different trial config "
+                      f"({state.get('config')}, this one is {config}) is not continued; the trial starts afresh",
+                      stacklevel=2)
+        return None
     for name, engine in engines.items():
         engine.load_checkpoint(str(folder / name), tag=_TAG)
     extra = torch.load(folder / _TRAINER, map_location="cpu", weights_only=True)

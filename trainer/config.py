@@ -87,7 +87,10 @@ class DistillConfig(_Section):
 class MetaDistilConfig(_Section):
     pilot_lr: float = Field(6e-5, gt=0, description="Step size of the pilot (differentiable SGD) update of the "
                             "student copy.")
-    teacher_lr: float = Field(6e-5, gt=0, description="AdamW learning rate of the teacher meta-update.")
+    teacher_lr: float = Field(2e-6, gt=0, description="AdamW learning rate of the teacher meta-update. Small on "
+                              "purpose: Adam moves every teacher weight by about this much per meta step whatever the "
+                              "meta-gradient's size; at 6e-5 a fine-tuned MiniLM teacher lost 11 points of accuracy in "
+                              "10 steps (bench/meta_probe.py, BENCHMARKS.md).")
     quiz_batch_size: int = Field(16, ge=1, description="Quiz examples per meta step.")
     meta_interval: int = Field(1, ge=1, description="Meta-update the teachers every k steps; plain KD steps in "
                                "between (k=1 is the paper).")

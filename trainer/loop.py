@@ -66,7 +66,7 @@ def _run(cfg: TrialConfig, log: Loggers, progress: bool, on_eval, checkpoint_dir
     splits = load_splits(cfg.data, cfg.seed)
     attn = "eager" if cfg.algorithm == "metadistil" and cfg.metadistil.meta_gradient == "double_backward" else None
     teachers = [load_model(spec, splits.num_labels, f"teachers.{i}", attn) for i, spec in enumerate(cfg.teachers)]
-    student = _load_student(cfg, splits.num_labels, attn)
+    student = load_student(cfg, splits.num_labels, attn)
     collate = Collator.for_training(student.tokenizer, [t.tokenizer for t in teachers], cfg.data.max_length,
                                     cfg.noise, cfg.seed, splits.train, cfg.data.token_cache)
     sizes = _model_sizes(student, teachers)
@@ -83,8 +83,9 @@ def _run(cfg: TrialConfig, log: Loggers, progress: bool, on_eval, checkpoint_dir
 
     engines = {"student": student_engine}
     if cfg.algorithm == "metadistil":
-        engines.update({f"teacher_{i}": _wrap_teacher(cfg, t, device) for i, t in enumerate(teachers)})
-    resumed = checkpoint.load(checkpoint_dir, engines) if checkpoint_dir else None
+        engines.update({f"teacher_{i}": wrap_teacher(cfg, t, device) for i, t in enumerate(teachers)})
+    config_key = checkpoint.fingerprint(cfg)
+    resumed = checkpoint.load(checkpoint_dir, engines, config_key) if checkpoint_dir else None
     start, best = resumed or (0, None)
     if resumed:
         log.set_tags({"resumed_from_step": str(start)})
@@ -93,7 +94,7 @@ def _run(cfg: TrialConfig, log: Loggers, progress: bool, on_eval, checkpoint_dir
                phase="warmup", stream_seed=cfg.seed + 1, with_teachers=False)
 
     algorithm = _build_algorithm(cfg, engines, teachers, splits, collate, device, timer, start)
-    save = (lambda step, best_so_far: checkpoint.save(checkpoint_dir, step, best_so_far, engines)) \
+    save = (lambda step, best_so_far: checkpoint.save(checkpoint_dir, step, best_so_far, engines, config_key)) \
         if checkpoint_dir else None
     evaluate = lambda: accuracy(student_engine.module, splits.validation, collate, cfg.eval.batch_size, device)  # noqa: E731
     best = _train(algorithm, splits.train, collate, total, cfg, device, log, progress, timer, phase="train",
@@ -121,7 +122,7 @@ def _train(algorithm, train: TextSet, collate: Collator, steps: int, cfg: TrialC
     best = best or {"accuracy": -1.0, "step": 0, "state": None}
     noisy = phase == "train"  # warm-up fine-tunes on clean text
     bar = tqdm(total=steps, initial=start, desc=phase, disable=not progress, dynamic_ncols=True)
-    stream = itertools.islice(_stream(len(train), cfg.optim.batch_size, stream_seed, steps), start, None)
+    stream = itertools.islice(batch_stream(len(train), cfg.optim.batch_size, stream_seed, steps), start, None)
     for step, (epoch, indices) in enumerate(stream, start=start):
         batch = collate(train, shard(indices), epoch if noisy else None, with_teachers).to(device)
         with timer(f"{phase}_step"):
@@ -147,7 +148,7 @@ def _train(algorithm, train: TextSet, collate: Collator, steps: int, cfg: TrialC
     return best
 
 
-def _stream(n: int, batch_size: int, seed: int, steps: int) -> Iterator[tuple[int, np.ndarray]]:
+def batch_stream(n: int, batch_size: int, seed: int, steps: int) -> Iterator[tuple[int, np.ndarray]]:
     """``steps`` batches of indices, reshuffled every epoch."""
     step, epoch = 0, 0
     while True:
@@ -159,7 +160,7 @@ def _stream(n: int, batch_size: int, seed: int, steps: int) -> Iterator[tuple[in
         epoch += 1
 
 
-def _quiz_stream(quiz: TextSet, collate: Collator, batch_size: int, seed: int, device: torch.device,
+def quiz_stream(quiz: TextSet, collate: Collator, batch_size: int, seed: int, device: torch.device,
                  start: int = 0) -> Iterator[Batch]:
     """Quiz batches; draw i depends only on (seed, i), so a resumed trial continues the same sequence."""
     for draw in itertools.count(start):
@@ -167,7 +168,7 @@ def _quiz_stream(quiz: TextSet, collate: Collator, batch_size: int, seed: int, d
         yield collate(quiz, shard(indices), epoch=None, with_teachers=False).to(device)
 
 
-def _wrap_teacher(cfg: TrialConfig, teacher: Loaded, device: torch.device):
+def wrap_teacher(cfg: TrialConfig, teacher: Loaded, device: torch.device):
     # Teachers run without dropout: their logits are the student's targets. They still learn (meta-updates).
     return wrap(teacher.model.to(device).eval(), cfg.metadistil.teacher_lr, cfg.optim.weight_decay, cfg.deepspeed,
                 _worker_batch(cfg.optim.batch_size), cfg.optim.grad_clip)
@@ -187,13 +188,13 @@ def _build_algorithm(cfg: TrialConfig, engines: dict, teachers: list[Loaded], sp
         frozen = [t.model.to(device).eval().requires_grad_(False) for t in teachers]
         return KD(student_engine, frozen, cfg.distill)
     k = cfg.metadistil.meta_interval
-    quiz = _quiz_stream(splits.quiz, collate, cfg.metadistil.quiz_batch_size, cfg.seed, device,
+    quiz = quiz_stream(splits.quiz, collate, cfg.metadistil.quiz_batch_size, cfg.seed, device,
                         start=(start + k - 1) // k)  # meta steps already taken
     teacher_engines = [engines[f"teacher_{i}"] for i in range(len(teachers))]
     return MetaDistil(student_engine, teacher_engines, cfg.distill, cfg.metadistil, quiz, timer)
 
 
-def _load_student(cfg: TrialConfig, num_labels: int, attn: str | None) -> Loaded:
+def load_student(cfg: TrialConfig, num_labels: int, attn: str | None) -> Loaded:
     student = load_model(cfg.student, num_labels, "student", attn)
     if cfg.student.init_layers:
         student.model = student_from_teacher(student.model, cfg.student.init_layers)

@@ -52,3 +52,20 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path, model_dirs, d
         b = load_file(resumed.output_dir / part / "model.safetensors")
         worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
         assert worst <= 1e-6, f"{part} differs from the uninterrupted run by {worst}"
+
+
+def test_a_checkpoint_of_another_config_is_not_continued(tmp_path, model_dirs):
+    """A sweep rerun with a changed config reuses trial ids, hence checkpoint folders: the old state is not resumed."""
+    def cfg(teacher_lr):
+        return trial(tmp_path, algorithm="metadistil", student={"name": model_dirs["distilbert"]},
+                     teachers=[{"name": model_dirs["bert"]}],
+                     metadistil={"quiz_batch_size": 8, "pilot_lr": 1e-2, "teacher_lr": teacher_lr},
+                     optim={"max_steps": 8}, eval={"every_steps": 4})
+
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(Crash):
+        run_trial(cfg(1e-4), progress=False, on_eval=crash_at(4), checkpoint_dir=ckpt)
+    log = Recorder()
+    with pytest.warns(UserWarning, match="written for a different trial config"):
+        run_trial(cfg(2e-6), [log], progress=False, checkpoint_dir=ckpt)
+    assert [step for step, m in log.metrics if "train/kd" in m] == list(range(8))
