@@ -7,7 +7,6 @@ the distillation algorithms only. ``include`` adds combinations, ``exclude`` rem
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 from dataclasses import dataclass, field
@@ -17,7 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from trainer.config import (ALGORITHMS, ConfigError, NoiseConfig, StudentConfig, TrialConfig, apply_overrides,
+from trainer.config import (ALGORITHMS, ConfigError, NoiseConfig, StudentConfig, TrialConfig, apply_overrides, digest,
                             parse_config)
 from trainer.distributed import check_workers
 
@@ -134,7 +133,7 @@ class Plan:
     @property
     def config_hash(self) -> str:
         payload = [t.config.model_dump(mode="json") for t in [*self.teacher_trials.values(), *self.trials]]
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+        return digest(payload)
 
 
 def load_spec(path: str | Path) -> tuple[SweepSpec, dict[str, Any]]:
@@ -271,8 +270,7 @@ def _teacher_trial(name: str, recipe: TeacherRecipe, base: dict[str, Any], stora
     raw = apply_overrides(raw, [f"{k}={json.dumps(v)}" for k, v in ft.overrides.items()])
     raw.pop("output", None)
     raw.pop("tracking", None)
-    digest = hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    raw["output"] = {"dir": str(storage / "teachers" / f"{name}-{digest}")}
+    raw["output"] = {"dir": str(storage / "teachers" / f"{name}-{digest(raw)}")}
     raw["data"].setdefault("token_cache", token_cache_dir(storage))
     config = _validated(raw, f"teachers.{name}")
     _check_workers(config, workers, f"teachers.{name}")

@@ -9,7 +9,6 @@ config must not be continued by the new one.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import warnings
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from trainer.config import TrialConfig
+from trainer.config import TrialConfig, digest
 from trainer.distributed import barrier, is_main, world
 from trainer.engine import Engine
 
@@ -26,8 +25,7 @@ _STATE, _TRAINER, _TAG = "state.json", "trainer.pt", "engine"  # DeepSpeed itsel
 
 def fingerprint(cfg: TrialConfig) -> str:
     """What a checkpoint must match to be continued: the whole trial config except where it is logged."""
-    payload = cfg.model_dump(mode="json", exclude={"tracking"})
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    return digest(cfg.model_dump(mode="json", exclude={"tracking"}), length=16)
 
 
 def save(folder: Path, step: int, best: dict, engines: dict[str, Engine], config: str) -> None:

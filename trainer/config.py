@@ -7,6 +7,8 @@ model or dataset is loaded, and every error names the dotted key, the offending 
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -324,6 +326,11 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> TrialCo
     if not isinstance(raw, dict):  # checked before overrides, which would otherwise fail obscurely on a list
         raise ConfigError(f"{path}: the top level must be a mapping of config keys, got {type(raw).__name__}")
     return parse_config(apply_overrides(raw, overrides or []))
+
+
+def digest(payload: Any, length: int = 12) -> str:
+    """A stable short hash of JSON-able data (keys sorted): config hashes, cache folder names, checkpoint keys."""
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:length]
 
 
 def flatten(config: TrialConfig) -> dict[str, Any]:
