@@ -50,6 +50,9 @@ def _sweep(args: argparse.Namespace) -> int:
     result = run_sweep(plan, resume=args.resume)
     print(f"sweep {spec.name}: {len(result.finished)} trials ran, {len(result.skipped)} already finished, "
           f"{len(result.failed)} failed; MLflow parent run {result.parent_run_id} at {result.tracking_uri}")
+    if result.replaced:
+        print(f"  ran again because their config changed since their earlier run (now deleted in MLflow, "
+              f"restorable): {', '.join(result.replaced)}")
     for trial, error in result.failed.items():
         print(f"  FAILED {trial}: {error.splitlines()[0][:300]}")
     print("sweep wall time: " + ", ".join(f"{k.removeprefix('sweep_').removesuffix('_s').replace('_', ' ')} "
@@ -105,20 +108,14 @@ def _report(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     import json
 
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    from trainer.config import NoiseConfig
-    from trainer.data import Collator, read_labelled_file
-    from trainer.evaluation import accuracy
+    from trainer.data import read_labelled_file
+    from trainer.evaluation import score_saved
     from trainer.models import pick_device
 
     if not (Path(args.model) / "config.json").is_file():
         raise ConfigError(f"--model: {args.model!r} is not a saved Hugging Face model folder (no config.json)")
     data = read_labelled_file(args.data, args.text_column, args.label_column)
-    device = pick_device(args.device)
-    model = AutoModelForSequenceClassification.from_pretrained(args.model).to(device)
-    collate = Collator(AutoTokenizer.from_pretrained(args.model), [], args.max_length, NoiseConfig(), seed=0)
-    score = accuracy(model, data, collate, args.batch_size, device)
+    score = score_saved(args.model, data, args.max_length, args.batch_size, pick_device(args.device))
     print(f"accuracy {score:.4f} on {len(data)} examples of {args.data}")
     if args.json:
         Path(args.json).write_text(json.dumps({"accuracy": score, "examples": len(data), "model": args.model,
@@ -140,7 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     sweep = sub.add_parser("sweep", help="run a grid of trials on Ray Tune, tracked in MLflow")
     sweep.add_argument("spec", help="sweep spec YAML")
     sweep.add_argument("--dry-run", action="store_true", help="expand and validate the grid, start nothing")
-    sweep.add_argument("--resume", action="store_true", help="finish only the trials that did not finish")
+    sweep.add_argument("--resume", action="store_true",
+                       help="continue the sweep's latest run: run only the trials that did not finish with their "
+                            "current config")
     sweep.add_argument("--no-report", action="store_true", help="skip the Table 1 report at the end")
     sweep.set_defaults(func=_sweep)
     report = sub.add_parser("report", help="rebuild the report's Table 1 for a sweep from MLflow")

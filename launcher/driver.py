@@ -2,8 +2,8 @@
 
 Trials are Tune function trainables that call the trainer directly. A trial's outputs, its checkpoint and its
 teacher-cache entry live under the sweep's storage path, so a retried trial (FailureConfig) or a resumed sweep
-continues from the trial's last evaluation; ``--resume`` skips every trial whose MLflow run already FINISHED under
-the sweep's parent run.
+continues from the trial's last evaluation; ``--resume`` continues the sweep's latest parent run and skips every
+trial whose MLflow run under it already FINISHED with the trial's current config.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ class SweepResult:
     finished: list[str]
     failed: dict[str, str]
     skipped: list[str]
+    replaced: list[str] = field(default_factory=list)  # resumed trials whose earlier run had another config
     best: tuple[str, str] | None = None  # (trial id, registered model version) of the best student
     phases: dict[str, float] = field(default_factory=dict)  # wall seconds: startup, data preparation, training
 
@@ -69,10 +70,12 @@ def run_sweep(plan: Plan, resume: bool = False, verbose: int = 1) -> SweepResult
     experiment = base_tracking.experiment if base_tracking else "metadistil"
     runs.check_reachable(uri)
     parent = runs.parent_run(uri, experiment, plan.spec.name, plan.config_hash, resume)
-    done = runs.finished_trials(uri, experiment, parent) if resume else set()
+    everything = [*plan.teacher_trials.values(), *plan.trials]
+    done, replaced = runs.finished_trials(uri, experiment, parent, {t.id: t.config for t in everything}) \
+        if resume else (set(), [])
     _init_ray()
     lap("startup")
-    prepare_token_caches([t.config for t in [*plan.teacher_trials.values(), *plan.trials]])
+    prepare_token_caches([t.config for t in everything])
     lap("data_preparation")
 
     common = {"uri": uri, "experiment": experiment, "parent": parent}
@@ -94,7 +97,7 @@ def run_sweep(plan: Plan, resume: bool = False, verbose: int = 1) -> SweepResult
     best = runs.register_best_student(uri, experiment, parent, plan.spec.name)
     runs.end_parent(uri, parent, len(failed), phases)
     ran = [t.id for t in [*teachers, *pending] if t.id not in failed]
-    return SweepResult(parent, uri, ran, failed, sorted(done), best, phases)
+    return SweepResult(parent, uri, ran, failed, sorted(done), replaced, best, phases)
 
 
 def teacher_cached(teacher: Trial) -> bool:

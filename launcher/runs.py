@@ -8,11 +8,12 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from launcher.tracking import experiment_id, tracking_uri
-from trainer.config import ConfigError
+from launcher.tracking import experiment_id, param_values, tracking_uri
+from trainer.config import ConfigError, TrialConfig, flatten
 
 ROLE, SWEEP, TRIAL_ID, CONFIG_HASH = "metadistil.role", "metadistil.sweep", "metadistil.trial_id", \
     "metadistil.config_hash"
+PREVIOUS_HASH = "metadistil.previous_config_hash"
 
 
 def resolve_uri(configured: str | None) -> str:
@@ -44,18 +45,26 @@ def git_commit() -> str | None:
 
 
 def parent_run(uri: str, experiment: str, sweep: str, config_hash: str, resume: bool) -> str:
-    """The sweep's parent run: on resume the latest one with the same name and config hash, else a new one."""
+    """The sweep's parent run: on resume the latest one of this sweep, else a new one.
+
+    A resume continues the parent even when the plan's config hash changed since (a new default, an added seed): which
+    of its trials still count as finished is decided trial by trial (``finished_trials``). The parent then carries the
+    new hash, and the one it had before under ``metadistil.previous_config_hash``.
+    """
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
     exp = experiment_id(client, experiment)
     if resume:
-        found = client.search_runs([exp], f"tags.`{SWEEP}` = '{sweep}' and tags.`{CONFIG_HASH}` = '{config_hash}' "
-                                   f"and tags.`{ROLE}` = 'sweep'", order_by=["attributes.start_time DESC"],
-                                   max_results=1)
+        found = client.search_runs([exp], f"tags.`{SWEEP}` = '{sweep}' and tags.`{ROLE}` = 'sweep'",
+                                   order_by=["attributes.start_time DESC"], max_results=1)
         if found:
-            client.update_run(found[0].info.run_id, status="RUNNING")
-            return found[0].info.run_id
+            run = found[0]
+            if run.data.tags.get(CONFIG_HASH) != config_hash:
+                client.set_tag(run.info.run_id, PREVIOUS_HASH, run.data.tags.get(CONFIG_HASH, ""))
+                client.set_tag(run.info.run_id, CONFIG_HASH, config_hash)
+            client.update_run(run.info.run_id, status="RUNNING")
+            return run.info.run_id
     tags = {SWEEP: sweep, ROLE: "sweep", CONFIG_HASH: config_hash}
     commit = git_commit()
     if commit:
@@ -74,14 +83,37 @@ def child_run(uri: str, experiment: str, parent_id: str, trial: str) -> str | No
     return found[0].info.run_id if found else None
 
 
-def finished_trials(uri: str, experiment: str, parent_id: str) -> set[str]:
+def finished_trials(uri: str, experiment: str, parent_id: str,
+                    configs: dict[str, TrialConfig]) -> tuple[set[str], list[str]]:
+    """For a resume: the trials whose run under the parent FINISHED with the config they have now, and the trials
+    whose run logged another config.
+
+    Configs are compared through the params the run logged (all but ``tracking.*``, which says only where it is
+    logged). A run of another config is deleted (MLflow keeps deleted runs restorable: ``mlflow runs restore``), so its
+    trial runs again and gets a fresh run; its checkpoint, keyed by the same config, is not continued either.
+    """
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
-    runs = client.search_runs([experiment_id(client, experiment)],
-                              f"tags.`mlflow.parentRunId` = '{parent_id}' and attributes.status = 'FINISHED'",
-                              max_results=10_000)
-    return {r.data.tags[TRIAL_ID] for r in runs if TRIAL_ID in r.data.tags}
+    found = client.search_runs([experiment_id(client, experiment)], f"tags.`mlflow.parentRunId` = '{parent_id}'",
+                               max_results=10_000)
+    done, replaced = set(), []
+    for run in found:
+        trial = run.data.tags.get(TRIAL_ID)
+        if trial not in configs:
+            continue
+        if _config_params(run.data.params) == _config_params(param_values(flatten(configs[trial]))):
+            if run.info.status == "FINISHED":
+                done.add(trial)
+        else:
+            client.set_tag(run.info.run_id, "metadistil.replaced", "the trial's config changed before a --resume")
+            client.delete_run(run.info.run_id)
+            replaced.append(trial)
+    return done, sorted(replaced)
+
+
+def _config_params(params: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in params.items() if not k.startswith("tracking.")}
 
 
 def end_parent(uri: str, parent_id: str, failed: int, phases: dict[str, float]) -> None:

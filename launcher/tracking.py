@@ -20,6 +20,11 @@ def redact(key: str, value: Any) -> str:
     return _SECRET_IN_URI.sub(r"\g<scheme>***@", str(value))
 
 
+def param_values(params: dict[str, Any]) -> dict[str, str]:
+    """Params as MLflow stores them (redacted, within its 6000-character limit): what a run's logged config reads."""
+    return {k: redact(k, v)[:6000] for k, v in params.items()}
+
+
 def tracking_uri(configured: str | None) -> str | None:
     return configured or os.environ.get("MLFLOW_TRACKING_URI") or None
 
@@ -52,7 +57,7 @@ class MLflowLogger:
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
-        items = [Param(k, redact(k, v)[:6000]) for k, v in params.items()]
+        items = [Param(k, v) for k, v in param_values(params).items()]
         for start in range(0, len(items), _BATCH):
             self.client.log_batch(self.run_id, params=items[start: start + _BATCH])
 

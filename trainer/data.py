@@ -44,7 +44,7 @@ class Splits:
 
 def load_splits(cfg: DataConfig, seed: int) -> Splits:
     """Load the raw splits and draw train/quiz/test (disjoint, deterministic for a seed) and validation."""
-    raw = _load_raw(cfg)
+    raw = load_raw(cfg)
     rng = np.random.default_rng(cfg.split_seed if cfg.split_seed is not None else seed)
     source = raw["train"]
     order = rng.permutation(len(source))
@@ -86,10 +86,11 @@ def load_splits(cfg: DataConfig, seed: int) -> Splits:
 
 def all_texts(cfg: DataConfig) -> list[str]:
     """Every text of the data source, whichever split a seed puts it in (what a token cache must hold)."""
-    return [t for part in _load_raw(cfg).values() for t in part.texts]
+    return [t for part in load_raw(cfg).values() for t in part.texts]
 
 
-def _load_raw(cfg: DataConfig) -> dict[str, TextSet]:
+def load_raw(cfg: DataConfig) -> dict[str, TextSet]:
+    """The data source's own splits (train, validation, test where it has them), before any split is drawn."""
     if cfg.path is not None:
         return _load_local(cfg)
     if cfg.name == "synthetic":

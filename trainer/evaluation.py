@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
+from trainer.config import NoiseConfig
 from trainer.data import Collator, TextSet, index_batches
 
 
@@ -21,3 +24,12 @@ def accuracy(model: nn.Module, data: TextSet, collate: Collator, batch_size: int
         correct += (model(**batch.student).logits.argmax(dim=-1) == batch.labels).sum().item()
     model.train(was_training)
     return correct / len(data)
+
+
+def score_saved(model_dir: str | Path, data: TextSet, max_length: int, batch_size: int, device: torch.device) -> float:
+    """Accuracy of a saved classifier (a ``save_pretrained`` folder with its tokenizer) on clean text."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).to(device)
+    collate = Collator(AutoTokenizer.from_pretrained(model_dir), [], max_length, NoiseConfig(), seed=0)
+    return accuracy(model, data, collate, batch_size, device)
