@@ -104,6 +104,18 @@ def test_sweep_runs_resumes_and_caches_teachers(tmp_path, model_dirs, nan_teache
     assert resumed.finished == [] and set(resumed.failed) == {broken}
     assert len(children(first.tracking_uri, first.parent_run_id)) == len(by_id), "a resume duplicated runs"
 
+    # The spec (or a default) changed between runs: --resume continues the same parent and reruns only what changed.
+    finetune = next(t for t in plan.trials if t.axes["algorithm"] == "finetune")
+    finetune.config = finetune.config.model_copy(update={"optim": finetune.config.optim.model_copy(update={"lr": 1e-3})})
+    changed = run_sweep(plan, resume=True, verbose=0)
+    assert changed.parent_run_id == first.parent_run_id and changed.replaced == [finetune.id]
+    assert finetune.id in changed.finished and finetune.id not in changed.skipped
+    after = {r.data.tags[runs.TRIAL_ID]: r for r in children(first.tracking_uri, first.parent_run_id)}
+    assert len(after) == len(by_id), "the changed trial's old run must give way to its new one"
+    rerun = after[finetune.id]
+    assert rerun.info.run_id != by_id[finetune.id].info.run_id and rerun.info.status == "FINISHED"
+    assert rerun.data.params["optim.lr"] == "0.001"
+
     other = expand(*load_spec(spec_file(tmp_path, model_dirs, nan_teacher, "beta")))
     second = run_sweep(other, verbose=0)
     teacher_run = next(r for r in children(second.tracking_uri, second.parent_run_id)
