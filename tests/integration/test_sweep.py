@@ -106,7 +106,8 @@ def test_sweep_runs_resumes_and_caches_teachers(tmp_path, model_dirs, nan_teache
 
     # The spec (or a default) changed between runs: --resume continues the same parent and reruns only what changed.
     finetune = next(t for t in plan.trials if t.axes["algorithm"] == "finetune")
-    finetune.config = finetune.config.model_copy(update={"optim": finetune.config.optim.model_copy(update={"lr": 1e-3})})
+    new_optim = finetune.config.optim.model_copy(update={"lr": 1e-3})
+    finetune.config = finetune.config.model_copy(update={"optim": new_optim})
     changed = run_sweep(plan, resume=True, verbose=0)
     assert changed.parent_run_id == first.parent_run_id and changed.replaced == [finetune.id]
     assert finetune.id in changed.finished and finetune.id not in changed.skipped
