@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import statistics
 import sys
 from pathlib import Path
@@ -50,14 +51,14 @@ def cell_of(trial: Trial) -> str:
 
 
 def score_trials(plan: Plan, data: TextSet, batch_size: int, device: str) -> list[dict]:
-    rows = []
+    rows, torch_device = [], pick_device(device)
     for trial in [*plan.teacher_trials.values(), *plan.trials]:
         out = Path(trial.config.output.dir)
         if not (out / "metrics.json").is_file():
             print(f"  {trial.id}: not finished (no {out / 'metrics.json'}), skipped", file=sys.stderr)
             continue
         own = _own_test_accuracy(out)
-        acc = score_saved(out / "student", data, trial.config.data.max_length, batch_size, pick_device(device))
+        acc = score_saved(out / "student", data, trial.config.data.max_length, batch_size, torch_device)
         rows.append({"trial": trial.id, "cell": cell_of(trial), "seed": trial.axes.get("seed", ""),
                      "heldout_accuracy": acc, "own_test_accuracy": own})
         print(f"  {trial.id}: held-out {acc:.4f} (own test {own:.4f})", file=sys.stderr)
@@ -65,8 +66,6 @@ def score_trials(plan: Plan, data: TextSet, batch_size: int, device: str) -> lis
 
 
 def _own_test_accuracy(out: Path) -> float:
-    import json
-
     return float(json.loads((out / "metrics.json").read_text())["test_accuracy"])
 
 

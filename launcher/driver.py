@@ -71,7 +71,7 @@ def run_sweep(plan: Plan, resume: bool = False, verbose: int = 1) -> SweepResult
     runs.check_reachable(uri)
     parent = runs.parent_run(uri, experiment, plan.spec.name, plan.config_hash, resume)
     everything = [*plan.teacher_trials.values(), *plan.trials]
-    done, replaced = runs.finished_trials(uri, experiment, parent, {t.id: t.config for t in everything}) \
+    done, replaced = runs.reconcile_trials(uri, experiment, parent, {t.id: t.config for t in everything}) \
         if resume else (set(), [])
     _init_ray()
     lap("startup")

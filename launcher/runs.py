@@ -48,7 +48,7 @@ def parent_run(uri: str, experiment: str, sweep: str, config_hash: str, resume: 
     """The sweep's parent run: on resume the latest one of this sweep, else a new one.
 
     A resume continues the parent even when the plan's config hash changed since (a new default, an added seed): which
-    of its trials still count as finished is decided trial by trial (``finished_trials``). The parent then carries the
+    of its trials still count as finished is decided trial by trial (``reconcile_trials``). The parent then carries the
     new hash, and the one it had before under ``metadistil.previous_config_hash``.
     """
     from mlflow.tracking import MlflowClient
@@ -83,8 +83,8 @@ def child_run(uri: str, experiment: str, parent_id: str, trial: str) -> str | No
     return found[0].info.run_id if found else None
 
 
-def finished_trials(uri: str, experiment: str, parent_id: str,
-                    configs: dict[str, TrialConfig]) -> tuple[set[str], list[str]]:
+def reconcile_trials(uri: str, experiment: str, parent_id: str,
+                     configs: dict[str, TrialConfig]) -> tuple[set[str], list[str]]:
     """For a resume: the trials whose run under the parent FINISHED with the config they have now, and the trials
     whose run logged another config.
 

@@ -54,7 +54,7 @@ def test_only_trials_finished_with_their_current_config_are_skipped(first_sweep)
     # Where a trial logs is not part of what it computes: a renamed run is the same trial.
     plan = {"done": config(1, tracking={"experiment": "metadistil", "run_name": "renamed"}),
             "failed": config(2), "changed": config(3, optim={"lr": 1e-4}), "new": config(4)}
-    done, replaced = runs.finished_trials(uri, "metadistil", parent, plan)
+    done, replaced = runs.reconcile_trials(uri, "metadistil", parent, plan)
     assert done == {"done"}
     assert replaced == ["changed"]
     client = MlflowClient(uri)
