@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -37,3 +38,13 @@ def model_dirs(tmp_path_factory, tokenizers):
         "distilbert": tiny.save(tiny.tiny_distilbert(tokenizers["wordpiece_cased"]), tokenizers["wordpiece_cased"],
                                 root / "distilbert"),
     }
+
+
+@pytest.fixture
+def cuda() -> torch.device:
+    """The CUDA device for `gpu` tests; DeepSpeed must use its CUDA accelerator too (bench/gpu_check.sh sets it)."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    if os.environ.get("DS_ACCELERATOR") != "cuda":
+        pytest.skip("run gpu tests with DS_ACCELERATOR=cuda (bench/gpu_check.sh does)")
+    return torch.device("cuda", 0)

@@ -50,12 +50,13 @@ def _common(tokenizer: PreTrainedTokenizerFast) -> dict:
     return dict(vocab_size=len(tokenizer), num_labels=2, pad_token_id=tokenizer.pad_token_id)
 
 
-def tiny_bert(tokenizer, hidden: int = 32, layers: int = 2, dropout: float = 0.0, seed: int = 0):
+def tiny_bert(tokenizer, hidden: int = 32, layers: int = 2, dropout: float = 0.0, seed: int = 0,
+              init_std: float = 0.02):
     torch.manual_seed(seed)
     config = BertConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
                         intermediate_size=2 * hidden, max_position_embeddings=64, hidden_dropout_prob=dropout,
                         attention_probs_dropout_prob=dropout, classifier_dropout=dropout,
-                        **_common(tokenizer))
+                        initializer_range=init_std, **_common(tokenizer))
     return BertForSequenceClassification(config)
 
 

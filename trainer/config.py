@@ -102,6 +102,9 @@ class MetaDistilConfig(_Section):
         "difference, one extra forward beside the pilot's (approximate, about 1e-4 relative error in fp32; cheapest; "
         "ReLU kinks can bias it; not for bf16). 'double_backward': the naive second-order reference through the "
         "whole student (slower; its models use eager attention).")
+    quiz_dropout: bool = Field(False, description="Evaluate the stepped student on the quiz batch with dropout on. "
+                               "false (the official MetaDistil's choice): the quiz loss the teachers learn from is a "
+                               "deterministic function of the step, not a dropout sample of it.")
 
 
 class WarmupConfig(_Section):
@@ -135,7 +138,9 @@ class DeepSpeedConfig(_Section):
     enabled: bool = Field(True, description="Wrap the student and trainable teachers with deepspeed.initialize.")
     zero_stage: int = Field(0, ge=0, le=3, description="ZeRO stage; 3 is refused for metadistil (its meta step "
                             "needs whole parameters).")
-    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Training precision; fp16 needs a GPU.")
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Training precision; fp16 needs a GPU "
+                                                       "and is refused for metadistil. Under bf16 the meta step keeps "
+                                                       "fp32 weights and computes in bf16 (autocast), its quiz in fp32.")
     config_path: str | None = Field(None, description="A DeepSpeed JSON file merged over the generated config "
                                     "(batch sizes and the optimizer stay the trainer's).")
 
@@ -193,10 +198,15 @@ class TrialConfig(_Section):
         if self.deepspeed.precision != "fp32" and not self.deepspeed.enabled:
             raise _KeyError("deepspeed.precision", f"{self.deepspeed.precision} needs deepspeed.enabled: true "
                             "(without DeepSpeed the trainer runs in fp32)")
+        if self.algorithm == "metadistil" and self.deepspeed.enabled and self.deepspeed.precision == "fp16":
+            raise _KeyError("deepspeed.precision", "fp16 cannot run algorithm 'metadistil': the meta step's "
+                            "gradients (about 1e-6) underflow in fp16 without loss scaling across the whole step; "
+                            "use bf16 (GPUs since Ampere) or fp32")
         if (self.algorithm == "metadistil" and self.metadistil.meta_gradient == "finite_difference"
                 and self.deepspeed.enabled and self.deepspeed.precision != "fp32"):
-            raise _KeyError("metadistil.meta_gradient", f"finite_difference needs fp32 parameters (its difference "
-                            f"quotient drowns in {self.deepspeed.precision} rounding); use forward_ad")
+            raise _KeyError("metadistil.meta_gradient", f"finite_difference needs fp32 compute (its difference "
+                            f"quotient drowns in {self.deepspeed.precision} rounding); use forward_ad with "
+                            f"deepspeed.precision={self.deepspeed.precision}, or fp32")
         if self.deepspeed.precision == "fp16" and self.device == "cpu":
             raise _KeyError("deepspeed.precision", "fp16 is not supported on CPU; use fp32 or bf16")
         return self

@@ -243,25 +243,25 @@ class Recorder:
         return lambda *args, **kwargs: None
 
 
-def run(tmp_path, model_dirs, name: str, **deepspeed):
+def run(tmp_path, model_dirs, name: str, device: str = "cpu", steps: int = TRIAL_STEPS, **deepspeed):
     """A MetaDistil trial (meta steps and, in between, KD steps through the teacher engines' forward)."""
     cfg = parse_config({
         "seed": 0,
         "algorithm": "metadistil",
-        "device": "cpu",
-        "data": {"name": "synthetic", "train_size": 8 * TRIAL_STEPS, "quiz_size": 16, "validation_size": 32,
+        "device": device,
+        "data": {"name": "synthetic", "train_size": 8 * steps, "quiz_size": 16, "validation_size": 32,
                  "test_size": 32, "max_length": 32},
         "student": {"name": model_dirs["distilbert"]},
         "teachers": [{"name": model_dirs["bert"]}, {"name": model_dirs["roberta"]}],
         "metadistil": {"pilot_lr": 1e-2, "teacher_lr": 1e-3, "quiz_batch_size": 8, "meta_interval": 3},
-        "optim": {"lr": 3e-3, "batch_size": 8, "epochs": 1, "max_steps": TRIAL_STEPS, "grad_clip": 1.0},
-        "eval": {"every_steps": TRIAL_STEPS},  # evaluated once, at the end: the saved student is the final one
+        "optim": {"lr": 3e-3, "batch_size": 8, "epochs": 1, "max_steps": steps, "grad_clip": 1.0},
+        "eval": {"every_steps": steps},  # evaluated once, at the end: the saved student is the final one
         "deepspeed": deepspeed,
         "output": {"dir": str(tmp_path / name), "save_teachers": True},
     })
     recorder = Recorder()
     result = run_trial(cfg, loggers=[recorder], progress=False)
-    assert result.metrics["train_steps"] == TRIAL_STEPS
+    assert result.metrics["train_steps"] == steps
     for key in ("best_val_accuracy", "test_accuracy"):
         assert 0 <= result.metrics[key] <= 1, key
     return result, recorder
@@ -330,3 +330,21 @@ def test_trial_with_deepspeed_bf16(tmp_path, model_dirs, torch_trial):
     diff = max(abs(a - b) / abs(a) for a, b in zip(ref, got))
     assert diff < 0.05, f"bf16 KD losses depart from fp32 by {diff:.1%}"
     print(f"\ntrial ZeRO 1 bf16: max relative KD-loss diff to fp32 {diff:.2e}; " + "; ".join(report))
+
+
+@pytest.mark.gpu
+def test_bf16_metadistil_trial_with_two_teachers_on_cuda(tmp_path, model_dirs, cuda):
+    """The product's GPU path end to end: 20 steps, DeepSpeed bf16, a BERT and a RoBERTa teacher, meta steps
+    (every third step) and KD steps between them."""
+    steps = 20
+    result, log = run(tmp_path, model_dirs, "cuda-bf16", device="cuda", steps=steps, enabled=True, zero_stage=0,
+                      precision="bf16")
+    losses = [v for step in range(steps) for k, v in log.metrics[step].items() if k.startswith("train/")]
+    assert len(losses) >= steps and all(math.isfinite(v) for v in losses)
+    assert {"train/quiz_ce", "train/pilot_kd"} <= set(log.metrics[0])
+    for folder, model in MODELS.items():
+        saved = _saved(result, folder)
+        assert {t.dtype for t in saved.values()} == {torch.bfloat16}
+        moved = _moved(saved, load_file(f"{model_dirs[model]}/model.safetensors"))
+        assert moved > 1e-3, f"the CUDA bf16 trial did not train {folder}"
+    assert result.metrics["peak_memory_teacher_update_mb"] > 0

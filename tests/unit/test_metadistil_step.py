@@ -3,6 +3,7 @@ the pilot's isolation from the real student, and the real step's use of the upda
 
 from __future__ import annotations
 
+import copy
 import itertools
 
 import pytest
@@ -172,3 +173,81 @@ def test_one_sided_difference_is_accurate_in_float32(tokenizers):
     error = ((approx - exact).norm() / exact.norm()).item()
     assert exact.norm() > 0
     assert error < 2e-3, f"relative error {error:.2e}"
+
+
+def _spy_forward(monkeypatch, record):
+    """Record (inputs, the module's training flag, flash attention allowed, the logits) for every functional forward
+    of the meta step."""
+    import trainer.algorithms.metadistil as metadistil
+
+    forward = metadistil.forward
+
+    def spy(module, params, inputs):
+        logits = forward(module, params, inputs)
+        record.append((inputs, module.training, torch.backends.cuda.flash_sdp_enabled(), params, logits))
+        return logits
+
+    monkeypatch.setattr(metadistil, "forward", spy)
+
+
+@pytest.mark.parametrize("quiz_dropout", [False, True])
+def test_quiz_is_evaluated_without_dropout_unless_asked(tokenizers, monkeypatch, quiz_dropout):
+    student, teachers, batch, quiz = make_setup(tokenizers, 1, dropout=0.3, student_builder=tiny.tiny_bert)
+    calls = []
+    _spy_forward(monkeypatch, calls)
+    meta = MetaDistilConfig(pilot_lr=PILOT_LR, quiz_batch_size=4, quiz_dropout=quiz_dropout)
+    algo = MetaDistil(Recording(student), [Recording(t) for t in teachers], DISTILL, meta, itertools.repeat(quiz))
+    losses = algo.train_step(batch, step=0)
+    (quiz_call,) = [c for c in calls if c[0] is quiz.student]
+    _, training, _, stepped, _ = quiz_call
+    assert training is quiz_dropout
+    assert student.training, "the student must be back in training mode after the quiz"
+    # The logged quiz loss is the eval-mode cross-entropy of the stepped student (deterministic), or, with
+    # quiz_dropout, a dropout sample of it that differs.
+    student.eval()
+    eval_ce = cross_entropy(functional_call(student, stepped, kwargs=quiz.student).logits, quiz.labels).item()
+    student.train()
+    if quiz_dropout:
+        assert abs(losses["quiz_ce"] - eval_ce) > 1e-6
+    else:
+        assert losses["quiz_ce"] == pytest.approx(eval_ce, rel=1e-12)
+
+
+@pytest.mark.parametrize("method", ["forward_ad", "finite_difference"])
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_pilot_runs_on_the_jvp_kernel_while_attention_draws_masks(tokenizers, monkeypatch, method, dropout):
+    """Fused attention kernels draw dropout masks their own way (on CUDA), so a JVP on the math kernel could not
+    replay them: with attention dropout on, every student forward on the training batch (pilot and JVP) must run
+    with the fused kernels off; with no dropout the pilot keeps the fast default."""
+    student, teachers, batch, quiz = make_setup(tokenizers, 1, dtype=torch.float32, dropout=dropout,
+                                                student_builder=tiny.tiny_bert)
+    calls = []
+    _spy_forward(monkeypatch, calls)
+    meta = MetaDistilConfig(pilot_lr=PILOT_LR, quiz_batch_size=4, meta_gradient=method)
+    MetaDistil(Recording(student), [Recording(t) for t in teachers], DISTILL, meta,
+               itertools.repeat(quiz)).train_step(batch, step=0)
+    student_calls = [flash for inputs, _, flash, _, _ in calls if inputs is batch.student]
+    assert len(student_calls) == 2  # the pilot, then the JVP's (forward-mode or difference) forward
+    pilot_flash, jvp_flash = student_calls
+    assert pilot_flash is (dropout == 0)
+    if dropout:
+        assert not jvp_flash
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n_teachers", [1, 2])
+def test_first_order_route_equals_double_backward_on_cuda_with_dropout(tokenizers, cuda, n_teachers):
+    """On CUDA the default attention kernel for fp32 draws its dropout masks inside the kernel. The pilot must run
+    on the JVP's kernel, or forward_ad differentiates another function than the pilot's (an O(1) error)."""
+    student, teachers, batch, quiz = make_setup(tokenizers, n_teachers, dtype=torch.float32, dropout=0.1,
+                                                student_builder=tiny.tiny_bert)
+    batch, quiz = batch.to(cuda), quiz.to(cuda)
+    results = {}
+    for route in ("forward_ad", "double_backward"):
+        torch.manual_seed(123)
+        copies = [copy.deepcopy(t).to(cuda) for t in teachers]
+        results[route] = meta_gradients(copy.deepcopy(student).to(cuda), copies, batch, quiz, route)[0]
+    for got, ref in zip(results["forward_ad"], results["double_backward"]):
+        num = sum(((got[n] - ref[n]) ** 2).sum() for n in ref).sqrt()
+        den = sum((ref[n] ** 2).sum() for n in ref).sqrt()
+        assert num / den < 1e-3, f"forward_ad vs double_backward on CUDA: relative error {num / den:.2e}"

@@ -88,6 +88,11 @@ def test_teacher_cache_key_follows_the_recipe(tmp_path):
     ({"grid": {"algorithm": ["distil"]}}, "grid.algorithm.0"),
     ({"base": {"optim": {"lr": -1}}}, "optim.lr"),
     ({"extra_key": 1}, "extra_key: Extra inputs are not permitted"),
+    # combinations the meta step cannot honour fail at --dry-run, naming both keys
+    ({"base": {"deepspeed": {"precision": "fp16"}, "device": "cuda"}},
+     "deepspeed.precision: fp16 cannot run algorithm 'metadistil'"),
+    ({"base": {"deepspeed": {"precision": "bf16"}, "metadistil": {"meta_gradient": "finite_difference"}}},
+     "metadistil.meta_gradient: finite_difference needs fp32 compute"),
 ])
 def test_bad_specs_name_the_key(tmp_path, change, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(")):

@@ -10,12 +10,20 @@ v = ∇θ' L_q and w = J_θ(z_S)·v (one Jacobian-vector product),
   ∇φ L_q = −λ J_φ(z_T)ᵀ u,   u = ∂/∂z_T ⟨∂ℓ/∂z_S, w⟩   (a C×C product per example, on logits only).
 Every backward is first order. ``meta_gradient: double_backward`` keeps the naive second-order route as the
 reference. Gradients are computed on detached parameter copies and handed to the (DeepSpeed) engines at the end.
+
+Precision: θ, θ' and φ are always fp32 (or wider). Under DeepSpeed bf16 the engines' modules hold bf16 weights; the step
+then works on the engines' fp32 master copies and computes the training-batch passes (pilot, teachers, JVP) under
+``torch.autocast`` in bf16, as AMP training does. The quiz pass runs in fp32: in bf16, θ' = θ − λg rounds back to θ in
+most entries at the usual λ, so the quiz would be taken at θ.
+Dropout: the quiz is evaluated with dropout off unless ``quiz_dropout``. While the student's attention draws dropout
+masks, its pilot forward runs on the math attention kernel, the one the JVP must use: fused kernels draw their masks
+in their own way, and the replayed RNG would not reproduce them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
 from torch import nn
@@ -59,12 +67,16 @@ class MetaDistil(KD):
     def _meta_step(self, batch: Batch, quiz: Batch) -> dict[str, float]:
         lr, second_order = self.meta.pilot_lr, self.meta.meta_gradient == "double_backward"
         student = self.student.module
-        theta = trainable_copy(student)
-        dropout_state = rng_state(batch.labels.device)
+        compute = mixed_precision(student)
         with self.timer("pilot"):
-            student_logits = forward(student, theta, batch.student)
-            phis = [trainable_copy(t.module) for t in self.teachers]
-            teacher_logits = [forward(t.module, phi, x) for t, phi, x in zip(self.teachers, phis, batch.teachers)]
+            with self.timer("pilot/master_weights"):
+                theta = master_copy(self.student)
+                phis = [master_copy(t) for t in self.teachers]
+            dropout_state = rng_state(batch.labels.device)
+            with compute, self.student_kernel():
+                student_logits = forward(student, theta, batch.student)
+            with compute:
+                teacher_logits = [forward(t.module, phi, x) for t, phi, x in zip(self.teachers, phis, batch.teachers)]
             mean_teacher = average_logits(teacher_logits)
             pilot_loss = self.loss(student_logits, mean_teacher if second_order else mean_teacher.detach(),
                                    batch.labels)
@@ -76,7 +88,9 @@ class MetaDistil(KD):
             if not second_order:
                 stepped = {n: p.detach().requires_grad_() for n, p in stepped.items()}
             del grads  # dead tensors are dropped as soon as possible: each is a full copy of the student
-        with self.timer("quiz"):
+        # The quiz runs in fp32 even under bf16: autocast would round θ' back to θ in every matmul, and the small quiz
+        # batch's gradient v is where the meta-gradient is most sensitive to rounding (bf16 here: several % off).
+        with self.timer("quiz"), dropout(student, self.meta.quiz_dropout):
             quiz_loss = cross_entropy(forward(student, stepped, quiz.student), quiz.labels)
         with self.timer("teacher_update"):
             flat_phis = [p for phi in phis for p in phi.values()]
@@ -86,30 +100,42 @@ class MetaDistil(KD):
                 v = torch.autograd.grad(quiz_loss, list(stepped.values()))
                 average(v)  # the whole quiz batch's gradient
                 del stepped
-                w = self.student_jvp(student, theta, v, batch.student, student_logits.detach(), dropout_state)
+                with self.timer("teacher_update/student_jvp"), compute:
+                    w = self.student_jvp(student, theta, v, batch.student, student_logits.detach(), dropout_state)
                 del v
-                u = logit_cross_term(self.loss, student_logits.detach(), mean_teacher.detach(), batch.labels, w)
+                with self.timer("teacher_update/logit_cross_term"):
+                    u = logit_cross_term(self.loss, student_logits.detach(), mean_teacher.detach(), batch.labels, w)
                 share = -lr * u / len(teacher_logits)  # d(mean)/d(each teacher's logits) = 1/n
                 teacher_grads = torch.autograd.grad(teacher_logits, flat_phis, grad_outputs=[share] * len(phis))
             del teacher_logits, mean_teacher, flat_phis
             start = 0
             for engine, phi in zip(self.teachers, phis):
-                apply_gradients(engine, teacher_grads[start: start + len(phi)])
-                engine.step()
+                with self.timer("teacher_update/apply_gradients"):
+                    apply_gradients(engine, teacher_grads[start: start + len(phi)])
+                with self.timer("teacher_update/teacher_step"):
+                    engine.step()
                 start += len(phi)
             del teacher_grads
         with self.timer("student_update"):
             # The pilot forward is reused: same θ, same batch, same dropout mask; only the targets changed.
-            updated_teacher = self.teacher_logits(batch)
+            with self.timer("student_update/teacher_logits"):
+                updated_teacher = self.teacher_logits(batch)
             logits = student_logits.detach().requires_grad_()
             real_loss = self.loss(logits, updated_teacher, batch.labels)
             (upstream,) = torch.autograd.grad(real_loss, logits)
             student_grads = torch.autograd.grad(student_logits, list(theta.values()), grad_outputs=upstream)
             del student_logits
-            apply_gradients(self.student, student_grads)
+            with self.timer("student_update/apply_gradients"):
+                apply_gradients(self.student, student_grads)
             del student_grads
-            self.student.step()
+            with self.timer("student_update/student_step"):
+                self.student.step()
         return {"kd": real_loss.item(), "pilot_kd": pilot_loss.item(), "quiz_ce": quiz_loss.item()}
+
+    def student_kernel(self) -> AbstractContextManager:
+        """The attention kernel of the student's pilot forward: the JVP's (math) while attention draws dropout masks."""
+        active = self.meta.meta_gradient != "double_backward" and attention_dropout_active(self.student.module)
+        return sdpa_kernel(SDPBackend.MATH) if active else nullcontext()
 
     def student_jvp(self, student: nn.Module, theta: Params, tangent: Sequence[torch.Tensor],
                     inputs: dict[str, torch.Tensor], pilot_logits: torch.Tensor, dropout_state: tuple) -> torch.Tensor:
@@ -121,7 +147,8 @@ class MetaDistil(KD):
             # Fused attention kernels have no forward-mode derivative; the math kernel is plain differentiable ops.
             with replay_rng(dropout_state), sdpa_kernel(SDPBackend.MATH):
                 return jvp(logits_at, (primal,), (tangents,))[1]
-        return finite_difference_jvp(logits_at, primal, tangents, pilot_logits, dropout_state)
+        with self.student_kernel():
+            return finite_difference_jvp(logits_at, primal, tangents, pilot_logits, dropout_state)
 
 
 def logit_cross_term(loss: Callable, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
@@ -150,14 +177,71 @@ def finite_difference_jvp(fn: Callable[[Params], torch.Tensor], primal: Params, 
     return (stepped - at_primal) / scale
 
 
-def trainable_copy(module: nn.Module) -> Params:
-    """Detached leaves sharing storage with the module's trainable parameters (no copy, no engine hooks)."""
-    return {n: p.detach().requires_grad_() for n, p in module.named_parameters() if p.requires_grad}
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def master_copy(engine: Engine) -> Params:
+    """Detached fp32 (or wider) leaves of the engine's trainable parameters, free of engine hooks.
+
+    fp32 modules: the parameters' own storage, no copy. Low-precision modules (DeepSpeed bf16): the engine's fp32
+    master weights where DeepSpeed exposes them (ZeRO 1/2), else an fp32 copy of the module's weights (ZeRO 0's
+    optimizer keeps its masters unexposed; they differ from these by bf16 rounding).
+    """
+    out = {}
+    for name, p in engine.module.named_parameters():
+        if not p.requires_grad:
+            continue
+        leaf = p.detach()
+        if p.dtype in LOW_PRECISION:
+            master = _deepspeed_master(p)
+            leaf = p.detach().float() if master is None else master.detach()
+        out[name] = leaf.requires_grad_()
+    return out
+
+
+def _deepspeed_master(param: torch.Tensor) -> torch.Tensor | None:
+    if not hasattr(param, "_hp_mapping"):
+        return None
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    return safe_get_full_fp32_param(param)
+
+
+def mixed_precision(module: nn.Module) -> AbstractContextManager:
+    """Compute in the module's own low precision (bf16 under DeepSpeed bf16) on fp32 parameters, as AMP does."""
+    param = next(module.parameters())
+    if param.dtype not in LOW_PRECISION:
+        return nullcontext()
+    return torch.autocast(device_type=param.device.type, dtype=param.dtype)
+
+
+@contextmanager
+def dropout(module: nn.Module, on: bool):
+    """Run a block with the module's dropout on or off; its mode outside the block is left as it was."""
+    was_training = module.training
+    module.train(on)
+    try:
+        yield
+    finally:
+        module.train(was_training)
+
+
+def attention_dropout_active(module: nn.Module) -> bool:
+    """Whether the module's attention draws dropout masks now: in training mode with a nonzero attention dropout
+    (BERT/RoBERTa ``attention_probs_dropout_prob``, DistilBERT ``attention_dropout``). A config that names no such
+    rate counts as active: the math kernel is then used, which is right either way."""
+    if not module.training:
+        return False
+    config = getattr(module, "config", None)
+    rates = [v for k, v in vars(config).items() if "attention" in k and "dropout" in k
+             and isinstance(v, (int, float))] if config is not None else []
+    return not rates or any(rate > 0 for rate in rates)
 
 
 def forward(module: nn.Module, params: Params, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The module's logits with ``params`` in place of its own."""
-    return functional_call(module, params, args=(), kwargs=inputs).logits
+    """The module's logits with ``params`` in place of its own, at least in fp32 (autocast computes them in bf16)."""
+    logits = functional_call(module, params, args=(), kwargs=inputs).logits
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
 def rng_state(device: torch.device) -> tuple:
