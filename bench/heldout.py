@@ -1,6 +1,7 @@
 """Score a sweep's saved students on examples that no trial of the sweep used: a test set larger than each trial's own.
 
     python bench/heldout.py configs/sweep/sst2_cpu.yaml --size 10000 --csv runs/reports/sst2_cpu/heldout.csv
+    python bench/heldout.py configs/sweep/sst2_cpu_metadistil.yaml --heldout-of configs/sweep/sst2_cpu.yaml
 
 A trial's own test split (1,000 examples in sst2_cpu) puts one example at 0.1 points of accuracy, about as large as the
 gaps between cells. Every trial of the plan (the teachers' fine-tuning included) draws its train, quiz and test examples
@@ -90,14 +91,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("spec", help="the sweep spec whose trials to score")
     parser.add_argument("--size", type=int, default=10_000, help="held-out examples to score on")
     parser.add_argument("--seed", type=int, default=0, help="which held-out examples are drawn")
+    parser.add_argument("--heldout-of", metavar="SPEC", help="draw the held-out examples as for this spec instead "
+                        "(e.g. the full grid a rerun cell comes from, so that both are scored on the same examples)")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--csv", help="also write one row per trial here")
     args = parser.parse_args(argv)
 
     plan = expand(*load_spec(args.spec))
-    data = heldout_set(plan, args.size, args.seed)
-    print(f"held-out set: {len(data)} examples no trial of {plan.spec.name} used", file=sys.stderr)
+    source = expand(*load_spec(args.heldout_of)) if args.heldout_of else plan
+    data = heldout_set(source, args.size, args.seed)
+    print(f"held-out set: {len(data)} examples no trial of {source.spec.name} used", file=sys.stderr)
     rows = score_trials(plan, data, args.batch_size, args.device)
     if args.csv:
         Path(args.csv).parent.mkdir(parents=True, exist_ok=True)

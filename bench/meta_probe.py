@@ -2,9 +2,9 @@
 
     python bench/meta_probe.py configs/trial/metadistil.yaml teachers.0.name=FOLDER student.name=FOLDER --steps 20
 
-The trial is built from the config as ``metadistil train`` builds it (DeepSpeed off: the probe reads the teachers'
-gradients, and the DeepSpeed path equals plain torch, see tests/integration/test_deepspeed.py), then for each of
-``--steps`` training batches, with the quiz batches the trial would draw:
+The trial is built by ``trainer.build.build_trial``, as ``metadistil train`` builds it, on CPU with DeepSpeed off (the
+probe reads the teachers' gradients, and the DeepSpeed path equals plain torch, see tests/integration/test_deepspeed.py).
+Then for each of ``--steps`` training batches, with the quiz batches the trial would draw:
 
   plain     L_q(θ)            the quiz loss of the student itself
   before    L_q(θ'(φ))        the pilot's quiz loss, θ' = θ − λ ∇θ ℓ(θ, φ), with the teachers as they are
@@ -13,9 +13,11 @@ gradients, and the DeepSpeed path equals plain torch, see tests/integration/test
   random    L_q(θ'(φ + r))    r: a random direction of Δ's norm: how much any step of that size moves the quiz loss
   predicted ⟨g, Δ⟩            the first-order change from the meta-gradient g the step computed
 
-Pilots are evaluated without dropout, on the student before its real step, so the columns differ only in the teachers.
-The step itself (student and teachers) then proceeds as in a trial, so the probe follows a trial's trajectory. The
-teachers' validation accuracy is measured before the first and after the last step (do meta-updates hurt them?).
+Pilot steps are taken without dropout, on the student before its real step. The quiz is evaluated as the trial
+evaluates it: with dropout only when ``metadistil.quiz_dropout`` is true, and then with the same dropout masks in every
+column of a step, so the columns differ only in the teachers. The step itself (student and teachers) then proceeds as
+in a trial, so the probe follows a trial's trajectory. The teachers' validation accuracy is measured before the first
+and after the last step (do meta-updates hurt them?).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -31,44 +34,47 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from trainer.algorithms.metadistil import MetaDistil, forward  # noqa: E402
-from trainer.config import TrialConfig, load_config  # noqa: E402
-from trainer.data import Collator, load_splits  # noqa: E402
-from trainer.engine import wrap  # noqa: E402
-from trainer.evaluation import accuracy  # noqa: E402
-from trainer.loop import batch_stream, load_student, quiz_stream, wrap_teacher  # noqa: E402
-from trainer.losses import cross_entropy  # noqa: E402
-from trainer.models import load_model  # noqa: E402
+from trainer.algorithms.metadistil import MetaDistil, forward, replay_rng, rng_state
+from trainer.build import build_trial
+from trainer.config import TrialConfig, load_config
+from trainer.engine import TorchEngine
+from trainer.evaluation import accuracy
+from trainer.loop import batch_stream
+from trainer.losses import cross_entropy
 
 COLUMNS = ("plain", "before", "after", "reversed", "random", "predicted")
 
 
-def build(cfg: TrialConfig):
-    """The trial's data, collator and MetaDistil algorithm, on CPU with plain-torch engines."""
-    torch.manual_seed(cfg.seed)
-    splits = load_splits(cfg.data, cfg.seed)
-    teachers = [load_model(spec, splits.num_labels, f"teachers.{i}") for i, spec in enumerate(cfg.teachers)]
-    student = load_student(cfg, splits.num_labels, None)
-    collate = Collator.for_training(student.tokenizer, [t.tokenizer for t in teachers], cfg.data.max_length,
-                                    cfg.noise, cfg.seed, splits.train)
-    opt = cfg.optim
-    student_engine = wrap(student.model.train(), opt.lr, opt.weight_decay, cfg.deepspeed, opt.batch_size,
-                          opt.grad_clip)
-    teacher_engines = [wrap_teacher(cfg, t, torch.device("cpu")) for t in teachers]
-    quiz = quiz_stream(splits.quiz, collate, cfg.metadistil.quiz_batch_size, cfg.seed, torch.device("cpu"))
-    return splits, collate, MetaDistil(student_engine, teacher_engines, cfg.distill, cfg.metadistil, quiz)
+class RecordingEngine(TorchEngine):
+    """A teacher's plain-torch engine that keeps the gradients its last step applied: the meta-gradient g."""
+
+    def __init__(self, engine: TorchEngine):
+        super().__init__(engine.module, engine.optimizer, engine.grad_clip)
+        self.grads: list[torch.Tensor] = []
+
+    def step(self) -> None:
+        self.grads = [p.grad.detach().clone() for p in trainable(self.module)]
+        super().step()
 
 
-def pilot_quiz_loss(algo: MetaDistil, theta: dict[str, torch.Tensor], batch, quiz, lr: float) -> float:
-    """L_q(θ − lr ∇θ ℓ(θ, φ)) with the teachers' current φ; lr = 0 gives the student's own quiz loss."""
+def pilot_quiz_loss(algo: MetaDistil, theta: dict[str, torch.Tensor], batch, quiz, lr: float,
+                    quiz_rng: tuple | None) -> float:
+    """L_q(θ − lr ∇θ ℓ(θ, φ)) with the teachers' current φ; lr = 0 gives the student's own quiz loss. The quiz runs
+    with dropout when ``quiz_rng`` is given, its masks drawn from that RNG state."""
     student = algo.student.module
+    was_training = student.training
     params = {n: p.detach().requires_grad_() for n, p in theta.items()}
-    if lr:
-        loss = algo.loss(forward(student, params, batch.student), algo.teacher_logits(batch), batch.labels)
-        grads = torch.autograd.grad(loss, list(params.values()))
-        params = {n: p - lr * g for (n, p), g in zip(params.items(), grads)}
-    with torch.no_grad():
-        return cross_entropy(forward(student, params, quiz.student), quiz.labels).item()
+    try:
+        student.eval()  # pilot steps without dropout, so that the columns of a step differ only in the teachers
+        if lr:
+            loss = algo.loss(forward(student, params, batch.student), algo.teacher_logits(batch), batch.labels)
+            grads = torch.autograd.grad(loss, list(params.values()))
+            params = {n: p - lr * g for (n, p), g in zip(params.items(), grads)}
+        student.train(quiz_rng is not None)
+        with torch.no_grad(), replay_rng(quiz_rng) if quiz_rng else nullcontext():
+            return cross_entropy(forward(student, params, quiz.student), quiz.labels).item()
+    finally:
+        student.train(was_training)
 
 
 def set_teachers(algo: MetaDistil, values: list[list[torch.Tensor]]) -> None:
@@ -82,30 +88,17 @@ def trainable(module: torch.nn.Module) -> list[torch.Tensor]:
     return [p for p in module.parameters() if p.requires_grad]
 
 
-def capture_teacher_gradients(algo: MetaDistil) -> list:
-    """The teachers' gradients as each engine's step sees them (the meta-gradient g), appended per step."""
-    seen: list = []
-    for engine in algo.teachers:
-        inner = engine.step
-
-        def step(engine=engine, inner=inner):
-            seen.append([p.grad.detach().clone() for p in trainable(engine.module)])
-            inner()
-        engine.step = step
-    return seen
-
-
-def probe_step(algo: MetaDistil, batch, quiz, seen: list, generator: torch.Generator) -> dict[str, float]:
+def probe_step(algo: MetaDistil, batch, quiz, generator: torch.Generator) -> dict[str, float]:
     student = algo.student.module
     theta = {n: p.detach().clone() for n, p in student.named_parameters() if p.requires_grad}
     phi0 = [[p.detach().clone() for p in trainable(t.module)] for t in algo.teachers]
     lr = algo.meta.pilot_lr
-    student.eval()
-    row = {"plain": pilot_quiz_loss(algo, theta, batch, quiz, 0.0),
-           "before": pilot_quiz_loss(algo, theta, batch, quiz, lr)}
-    student.train()
-    seen.clear()
+    # One RNG state for every column's quiz masks; replaying it leaves the trial's own RNG where it was.
+    quiz_rng = rng_state(quiz.labels.device) if algo.meta.quiz_dropout else None
+    row = {"plain": pilot_quiz_loss(algo, theta, batch, quiz, 0.0, quiz_rng),
+           "before": pilot_quiz_loss(algo, theta, batch, quiz, lr, quiz_rng)}
     algo.meta_step(batch, quiz)
+    seen = [t.grads for t in algo.teachers]
     phi1 = [[p.detach().clone() for p in trainable(t.module)] for t in algo.teachers]
     deltas = [[b - a for a, b in zip(before, after)] for before, after in zip(phi0, phi1)]
     flat = [d for ds in deltas for d in ds]
@@ -116,13 +109,11 @@ def probe_step(algo: MetaDistil, batch, quiz, seen: list, generator: torch.Gener
     for ds in deltas:
         randoms.append([scale * r for r in noise[start:start + len(ds)]])
         start += len(ds)
-    student.eval()
     for name, values in (("reversed", [[a - d for a, d in zip(p, ds)] for p, ds in zip(phi0, deltas)]),
                          ("random", [[a + r for a, r in zip(p, rs)] for p, rs in zip(phi0, randoms)]),
                          ("after", phi1)):  # last, so the teachers are left as the step made them
         set_teachers(algo, values)
-        row[name] = pilot_quiz_loss(algo, theta, batch, quiz, lr)
-    student.train()
+        row[name] = pilot_quiz_loss(algo, theta, batch, quiz, lr, quiz_rng)
     row["predicted"] = sum(float((g * d).sum()) for gs, ds in zip(seen, deltas) for g, d in zip(gs, ds))
     row["step_norm"] = norm
     row["grad_norm"] = float(torch.nn.utils.get_total_norm([g for gs in seen for g in gs]))
@@ -131,17 +122,23 @@ def probe_step(algo: MetaDistil, batch, quiz, seen: list, generator: torch.Gener
 
 def run(cfg: TrialConfig, steps: int, seed: int = 0, evaluate_teachers: bool = True, out=print) -> dict:
     cfg = cfg.model_copy(update={"deepspeed": cfg.deepspeed.model_copy(update={"enabled": False})})
-    splits, collate, algo = build(cfg)
-    seen = capture_teacher_gradients(algo)
+    trial = build_trial(cfg, torch.device("cpu"))
+    trial.engines.update({name: RecordingEngine(engine) for name, engine in trial.engines.items()
+                          if name.startswith("teacher_")})
+    algo = trial.algorithm()
+    splits = trial.splits
     generator = torch.Generator().manual_seed(seed)
-    teacher_accuracy = lambda: [accuracy(t.module, splits.validation, collate, cfg.eval.batch_size,  # noqa: E731
-                                         torch.device("cpu")) for t in algo.teachers]
+
+    def teacher_accuracy() -> list[float]:
+        return [accuracy(t.module, splits.validation, trial.collate, cfg.eval.batch_size, trial.device)
+                for t in algo.teachers]
+
     start_accuracy = teacher_accuracy() if evaluate_teachers else []
     out(f"{'step':>4} " + " ".join(f"{c:>10}" for c in COLUMNS) + f" {'|Δ|':>9} {'|g|':>9}")
     rows = []
     for step, (epoch, indices) in enumerate(batch_stream(len(splits.train), cfg.optim.batch_size, cfg.seed, steps)):
-        batch = collate(splits.train, indices, epoch, with_teachers=True)
-        row = probe_step(algo, batch, next(algo.quiz_batches), seen, generator)
+        batch = trial.collate(splits.train, indices, epoch, with_teachers=True)
+        row = probe_step(algo, batch, next(algo.quiz_batches), generator)
         rows.append(row)
         out(f"{step:>4} " + " ".join(f"{row[c]:>10.6f}" for c in COLUMNS[:5]) + f" {row['predicted']:>10.2e}"
             f" {row['step_norm']:>9.3e} {row['grad_norm']:>9.3e}")

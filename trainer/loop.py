@@ -1,4 +1,4 @@
-"""One trial, top to bottom: data, models, warm-up, training, evaluation, outputs.
+"""One trial, top to bottom: build it (trainer.build), warm up, train, evaluate, write the outputs.
 
 ``run_trial`` runs the same from a test, from the CLI and inside a Ray worker; trackers come in as loggers.
 """
@@ -8,9 +8,9 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import random
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -19,15 +19,13 @@ import yaml
 from tqdm.auto import tqdm
 
 from trainer import checkpoint
-from trainer.algorithms import KD, FineTune, MetaDistil
+from trainer.algorithms import FineTune, MetaDistil
+from trainer.build import Trial, build_trial
 from trainer.config import TrialConfig, flatten
-from trainer.data import Batch, Collator, Splits, TextSet, index_batches, load_splits
-from trainer.distributed import check_workers, is_main, shard, world
-from trainer.engine import wrap
+from trainer.data import index_batches
+from trainer.distributed import is_main, shard
 from trainer.evaluation import accuracy
 from trainer.logging import Logger, Loggers, StdoutLogger
-from trainer.metrics import PhaseTimer
-from trainer.models import Loaded, count_parameters, load_model, pick_device, student_from_teacher, times_smaller
 
 
 class NonFiniteLossError(RuntimeError):
@@ -60,72 +58,55 @@ def run_trial(cfg: TrialConfig, loggers: list[Logger] | None = None, progress: b
 
 
 def _run(cfg: TrialConfig, log: Loggers, progress: bool, on_eval, checkpoint_dir: Path | None) -> TrialResult:
-    check_workers(cfg, world()[1])
-    _seed_everything(cfg.seed)
-    device = pick_device(cfg.device)
-    splits = load_splits(cfg.data, cfg.seed)
-    attn = "eager" if cfg.algorithm == "metadistil" and cfg.metadistil.meta_gradient == "double_backward" else None
-    teachers = [load_model(spec, splits.num_labels, f"teachers.{i}", attn) for i, spec in enumerate(cfg.teachers)]
-    student = load_student(cfg, splits.num_labels, attn)
-    collate = Collator.for_training(student.tokenizer, [t.tokenizer for t in teachers], cfg.data.max_length,
-                                    cfg.noise, cfg.seed, splits.train, cfg.data.token_cache)
-    sizes = _model_sizes(student, teachers)
-    log.log_metrics({**{f"data_{k}": v for k, v in splits.sizes().items()}, **sizes}, step=0)
-
-    opt = cfg.optim
-    student_engine = wrap(student.model.to(device).train(), opt.lr, opt.weight_decay, cfg.deepspeed,
-                          _worker_batch(opt.batch_size), opt.grad_clip)
-    timer = PhaseTimer(device)
-    steps_per_epoch = math.ceil(len(splits.train) / opt.batch_size)
+    trial = build_trial(cfg)
+    log.log_metrics({**{f"data_{k}": v for k, v in trial.splits.sizes().items()}, **trial.sizes}, step=0)
+    student, splits = trial.engines["student"], trial.splits
+    steps_per_epoch = math.ceil(len(splits.train) / cfg.optim.batch_size)
     warmup_steps = math.ceil(cfg.warmup.epochs * steps_per_epoch)
-    total = math.ceil(opt.epochs * steps_per_epoch)
-    total = min(total, opt.max_steps) if opt.max_steps else total
+    total = math.ceil(cfg.optim.epochs * steps_per_epoch)
+    total = min(total, cfg.optim.max_steps) if cfg.optim.max_steps else total
 
-    engines = {"student": student_engine}
-    if cfg.algorithm == "metadistil":
-        engines.update({f"teacher_{i}": wrap_teacher(cfg, t, device) for i, t in enumerate(teachers)})
     config_key = checkpoint.fingerprint(cfg)
-    resumed = checkpoint.load(checkpoint_dir, engines, config_key) if checkpoint_dir else None
+    resumed = checkpoint.load(checkpoint_dir, trial.engines, config_key) if checkpoint_dir else None
     start, best = resumed or (0, None)
     if resumed:
         log.set_tags({"resumed_from_step": str(start)})
     elif warmup_steps:
-        _train(FineTune(student_engine), splits.train, collate, warmup_steps, cfg, device, log, progress, timer,
-               phase="warmup", stream_seed=cfg.seed + 1, with_teachers=False)
+        _train(FineTune(student), trial, warmup_steps, log, progress, phase="warmup", stream_seed=cfg.seed + 1,
+               with_teachers=False)
 
-    algorithm = _build_algorithm(cfg, engines, teachers, splits, collate, device, timer, start)
-    save = (lambda step, best_so_far: checkpoint.save(checkpoint_dir, step, best_so_far, engines, config_key)) \
-        if checkpoint_dir else None
-    evaluate = lambda: accuracy(student_engine.module, splits.validation, collate, cfg.eval.batch_size, device)  # noqa: E731
-    best = _train(algorithm, splits.train, collate, total, cfg, device, log, progress, timer, phase="train",
-                  stream_seed=cfg.seed, with_teachers=cfg.algorithm != "finetune", evaluate=evaluate,
-                  on_eval=on_eval, start=start, best=best, save=save)
+    algorithm = trial.algorithm(start)
+    save = partial(checkpoint.save, checkpoint_dir, engines=trial.engines, config=config_key) if checkpoint_dir else None
+    evaluate = partial(accuracy, student.module, splits.validation, trial.collate, cfg.eval.batch_size, trial.device)
+    best = _train(algorithm, trial, total, log, progress, phase="train", stream_seed=cfg.seed,
+                  with_teachers=cfg.algorithm != "finetune", evaluate=evaluate, on_eval=on_eval, start=start,
+                  best=best, save=save)
 
-    student_engine.module.load_state_dict(best["state"])
-    test_acc = accuracy(student_engine.module, splits.test, collate, cfg.eval.batch_size, device)
+    student.module.load_state_dict(best["state"])
+    test_acc = accuracy(student.module, splits.test, trial.collate, cfg.eval.batch_size, trial.device)
     metrics = {"best_val_accuracy": best["accuracy"], "best_step": best["step"], "test_accuracy": test_acc,
-               "warmup_steps": warmup_steps, "train_steps": total, **sizes, **timer.summary()}
+               "warmup_steps": warmup_steps, "train_steps": total, **trial.sizes, **trial.timer.summary()}
     log.log_metrics(metrics, step=warmup_steps + total)
-    out = Path(cfg.output.dir)
     if is_main():
-        _save(cfg, student_engine.module, student.tokenizer, algorithm, teachers, metrics, log)
+        _save(trial, algorithm, metrics, log)
         if checkpoint_dir:
             checkpoint.remove(checkpoint_dir)  # the trial is complete; its outputs replace the checkpoint
-    return TrialResult(metrics, out)
+    return TrialResult(metrics, Path(cfg.output.dir))
 
 
-def _train(algorithm, train: TextSet, collate: Collator, steps: int, cfg: TrialConfig, device: torch.device,
-           log: Loggers, progress: bool, timer: PhaseTimer, phase: str, stream_seed: int, with_teachers: bool,
-           evaluate=None, on_eval=None, start: int = 0, best: dict | None = None, save=None) -> dict:
+def _train(algorithm, trial: Trial, steps: int, log: Loggers, progress: bool, phase: str, stream_seed: int,
+           with_teachers: bool, evaluate=None, on_eval=None, start: int = 0, best: dict | None = None,
+           save=None) -> dict:
     """Run training steps ``start``..``steps``-1; with ``evaluate``, keep the best-validation weights (returned)
     and, with ``save``, checkpoint after each evaluation."""
+    cfg, train = trial.cfg, trial.splits.train
     best = best or {"accuracy": -1.0, "step": 0, "state": None}
     noisy = phase == "train"  # warm-up fine-tunes on clean text
     bar = tqdm(total=steps, initial=start, desc=phase, disable=not progress, dynamic_ncols=True)
     stream = itertools.islice(batch_stream(len(train), cfg.optim.batch_size, stream_seed, steps), start, None)
     for step, (epoch, indices) in enumerate(stream, start=start):
-        batch = collate(train, shard(indices), epoch if noisy else None, with_teachers).to(device)
-        with timer(f"{phase}_step"):
+        batch = trial.collate(train, shard(indices), epoch if noisy else None, with_teachers).to(trial.device)
+        with trial.timer(f"{phase}_step"):
             losses = algorithm.train_step(batch, step)
         bad = {k: v for k, v in losses.items() if not math.isfinite(v)}
         if bad:
@@ -160,77 +141,19 @@ def batch_stream(n: int, batch_size: int, seed: int, steps: int) -> Iterator[tup
         epoch += 1
 
 
-def quiz_stream(quiz: TextSet, collate: Collator, batch_size: int, seed: int, device: torch.device,
-                 start: int = 0) -> Iterator[Batch]:
-    """Quiz batches; draw i depends only on (seed, i), so a resumed trial continues the same sequence."""
-    for draw in itertools.count(start):
-        indices = np.random.default_rng([seed, 7, draw]).choice(len(quiz), size=batch_size, replace=False)
-        yield collate(quiz, shard(indices), epoch=None, with_teachers=False).to(device)
-
-
-def wrap_teacher(cfg: TrialConfig, teacher: Loaded, device: torch.device):
-    # Teachers run without dropout: their logits are the student's targets. They still learn (meta-updates).
-    return wrap(teacher.model.to(device).eval(), cfg.metadistil.teacher_lr, cfg.optim.weight_decay, cfg.deepspeed,
-                _worker_batch(cfg.optim.batch_size), cfg.optim.grad_clip)
-
-
-def _worker_batch(batch_size: int) -> int:
-    """Each worker's share of a global batch; the global batch is the trial's, whatever the number of workers."""
-    return batch_size // world()[1]
-
-
-def _build_algorithm(cfg: TrialConfig, engines: dict, teachers: list[Loaded], splits: Splits, collate: Collator,
-                     device: torch.device, timer: PhaseTimer, start: int):
-    student_engine = engines["student"]
-    if cfg.algorithm == "finetune":
-        return FineTune(student_engine)
-    if cfg.algorithm == "kd":
-        frozen = [t.model.to(device).eval().requires_grad_(False) for t in teachers]
-        return KD(student_engine, frozen, cfg.distill)
-    k = cfg.metadistil.meta_interval
-    quiz = quiz_stream(splits.quiz, collate, cfg.metadistil.quiz_batch_size, cfg.seed, device,
-                        start=(start + k - 1) // k)  # meta steps already taken
-    teacher_engines = [engines[f"teacher_{i}"] for i in range(len(teachers))]
-    return MetaDistil(student_engine, teacher_engines, cfg.distill, cfg.metadistil, quiz, timer)
-
-
-def load_student(cfg: TrialConfig, num_labels: int, attn: str | None) -> Loaded:
-    student = load_model(cfg.student, num_labels, "student", attn)
-    if cfg.student.init_layers:
-        student.model = student_from_teacher(student.model, cfg.student.init_layers)
-    return student
-
-
-def _model_sizes(student: Loaded, teachers: list[Loaded]) -> dict[str, float]:
-    sizes: dict[str, float] = {"student_params": count_parameters(student.model)}
-    if teachers:
-        teacher_params = [count_parameters(t.model) for t in teachers]
-        sizes["teacher_params_mean"] = sum(teacher_params) / len(teacher_params)
-        sizes["times_smaller"] = times_smaller(int(sizes["student_params"]), teacher_params)
-    return sizes
-
-
-def _save(cfg: TrialConfig, model, tokenizer, algorithm, teachers: list[Loaded], metrics: dict,
-          log: Loggers) -> None:
-    out = Path(cfg.output.dir)
+def _save(trial: Trial, algorithm, metrics: dict, log: Loggers) -> None:
+    out = Path(trial.cfg.output.dir)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out / "student")
-    tokenizer.save_pretrained(out / "student")
-    if cfg.output.save_teachers and isinstance(algorithm, MetaDistil):
-        for i, (engine, loaded) in enumerate(zip(algorithm.teachers, teachers)):
+    trial.engines["student"].module.save_pretrained(out / "student")
+    trial.student.tokenizer.save_pretrained(out / "student")
+    if trial.cfg.output.save_teachers and isinstance(algorithm, MetaDistil):
+        for i, (engine, loaded) in enumerate(zip(algorithm.teachers, trial.teachers)):
             engine.module.save_pretrained(out / f"teacher_{i}")
             loaded.tokenizer.save_pretrained(out / f"teacher_{i}")
-    (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    (out / "config.yaml").write_text(yaml.safe_dump(trial.cfg.model_dump(mode="json"), sort_keys=False))
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     log.log_artifacts(out, "trial")
 
 
 def _cpu_copy(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-

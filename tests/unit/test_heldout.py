@@ -73,3 +73,17 @@ def test_finished_trials_are_scored_by_cell(tmp_path, model_dirs, capsys):
     assert "not finished" in capsys.readouterr().err
     table = heldout.cell_table(rows, len(data))
     assert f"| kd__t__s__w0__off__s* | 2 | {100 * expected:.2f} ± 0.00 | 60.00 ± 14.14 |" in table
+
+
+def test_a_rerun_cell_is_scored_on_the_full_grids_heldout_set(tmp_path, model_dirs, capsys):
+    """--heldout-of: a spec cut down to one cell draws the examples of the full grid it came from (the cut spec alone
+    would leave the other teachers' and cells' texts in its pool, and draw another set)."""
+    full = make_plan(tmp_path, model_dirs["bert"])
+    spec = yaml.safe_load((tmp_path / "sweep.yaml").read_text())
+    spec["name"], spec["grid"] = "cell", {"algorithm": ["kd"], "seed": [1]}
+    (tmp_path / "cell.yaml").write_text(yaml.safe_dump(spec))
+    expected, alone = heldout.heldout_set(full, size=10_000), heldout.heldout_set(expand(*load_spec(
+        tmp_path / "cell.yaml")), size=10_000)
+    assert len(alone) > len(expected)
+    assert heldout.main([str(tmp_path / "cell.yaml"), "--heldout-of", str(tmp_path / "sweep.yaml")]) == 0
+    assert f"held-out set: {len(expected)} examples no trial of heldout used" in capsys.readouterr().err

@@ -1,0 +1,112 @@
+"""Building a trial: data, collator, models, engines, phase timer and algorithm, exactly as a trial runs them.
+
+``run_trial`` trains what ``build_trial`` builds, and the benchmarks in bench/ build through it too, so that they
+measure what trials run.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from trainer.algorithms import KD, FineTune, MetaDistil
+from trainer.config import TrialConfig
+from trainer.data import Batch, Collator, Splits, TextSet, load_splits
+from trainer.distributed import check_workers, shard, world
+from trainer.engine import Engine, wrap
+from trainer.metrics import PhaseTimer
+from trainer.models import Loaded, count_parameters, load_model, pick_device, student_from_teacher, times_smaller
+
+
+@dataclass
+class Trial:
+    """A built trial: what ``run_trial`` trains and the benchmarks measure."""
+
+    cfg: TrialConfig
+    device: torch.device
+    splits: Splits
+    collate: Collator
+    student: Loaded
+    teachers: list[Loaded]
+    engines: dict[str, Engine]  # "student", and "teacher_<i>" for the teachers metadistil trains
+    timer: PhaseTimer
+    sizes: dict[str, float]  # parameter counts, taken before wrapping (ZeRO-3 empties the wrapped parameters)
+
+    def algorithm(self, start: int = 0, quiz_batches: Iterator[Batch] | None = None) -> FineTune | KD | MetaDistil:
+        """The trial's algorithm, continuing after ``start`` training steps: a resumed trial's quiz draws go on where
+        they stopped. ``quiz_batches`` replaces the quiz stream (benchmarks feed batches of a fixed shape)."""
+        cfg, student = self.cfg, self.engines["student"]
+        if cfg.algorithm == "finetune":
+            return FineTune(student)
+        if cfg.algorithm == "kd":
+            frozen = [t.model.to(self.device).eval().requires_grad_(False) for t in self.teachers]
+            return KD(student, frozen, cfg.distill)
+        if quiz_batches is None:
+            k = cfg.metadistil.meta_interval
+            quiz_batches = quiz_stream(self.splits.quiz, self.collate, cfg.metadistil.quiz_batch_size, cfg.seed,
+                                       self.device, start=(start + k - 1) // k)  # meta steps already taken
+        teachers = [self.engines[f"teacher_{i}"] for i in range(len(self.teachers))]
+        return MetaDistil(student, teachers, cfg.distill, cfg.metadistil, quiz_batches, self.timer)
+
+
+def build_trial(cfg: TrialConfig, device: torch.device | None = None) -> Trial:
+    """Seed every RNG with ``cfg.seed``, then load and wrap; ``device`` None picks ``cfg.device``."""
+    check_workers(cfg, world()[1])
+    seed_everything(cfg.seed)
+    device = device or pick_device(cfg.device)
+    splits = load_splits(cfg.data, cfg.seed)
+    attn = "eager" if cfg.algorithm == "metadistil" and cfg.metadistil.meta_gradient == "double_backward" else None
+    teachers = [load_model(spec, splits.num_labels, f"teachers.{i}", attn) for i, spec in enumerate(cfg.teachers)]
+    student = _load_student(cfg, splits.num_labels, attn)
+    collate = Collator.for_training(student.tokenizer, [t.tokenizer for t in teachers], cfg.data.max_length,
+                                    cfg.noise, cfg.seed, splits.train, cfg.data.token_cache)
+    sizes = _model_sizes(student, teachers)
+    opt = cfg.optim
+    engines = {"student": wrap(student.model.to(device).train(), opt.lr, opt.weight_decay, cfg.deepspeed,
+                               _worker_batch(opt.batch_size), opt.grad_clip)}
+    if cfg.algorithm == "metadistil":
+        # Teachers run without dropout: their logits are the student's targets. They still learn (meta-updates).
+        engines.update({f"teacher_{i}": wrap(t.model.to(device).eval(), cfg.metadistil.teacher_lr, opt.weight_decay,
+                                             cfg.deepspeed, _worker_batch(opt.batch_size), opt.grad_clip)
+                        for i, t in enumerate(teachers)})
+    return Trial(cfg, device, splits, collate, student, teachers, engines, PhaseTimer(device), sizes)
+
+
+def quiz_stream(quiz: TextSet, collate: Collator, batch_size: int, seed: int, device: torch.device,
+                start: int = 0) -> Iterator[Batch]:
+    """Quiz batches; draw i depends only on (seed, i), so a resumed trial continues the same sequence."""
+    for draw in itertools.count(start):
+        indices = np.random.default_rng([seed, 7, draw]).choice(len(quiz), size=batch_size, replace=False)
+        yield collate(quiz, shard(indices), epoch=None, with_teachers=False).to(device)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _worker_batch(batch_size: int) -> int:
+    """Each worker's share of a global batch; the global batch is the trial's, whatever the number of workers."""
+    return batch_size // world()[1]
+
+
+def _load_student(cfg: TrialConfig, num_labels: int, attn: str | None) -> Loaded:
+    student = load_model(cfg.student, num_labels, "student", attn)
+    if cfg.student.init_layers:
+        student.model = student_from_teacher(student.model, cfg.student.init_layers)
+    return student
+
+
+def _model_sizes(student: Loaded, teachers: list[Loaded]) -> dict[str, float]:
+    sizes: dict[str, float] = {"student_params": count_parameters(student.model)}
+    if teachers:
+        teacher_params = [count_parameters(t.model) for t in teachers]
+        sizes["teacher_params_mean"] = sum(teacher_params) / len(teacher_params)
+        sizes["times_smaller"] = times_smaller(int(sizes["student_params"]), teacher_params)
+    return sizes
