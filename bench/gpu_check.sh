@@ -3,12 +3,16 @@
 #
 #   bash bench/gpu_check.sh [OUT]        # from the repository root; OUT: $1, else $OUT, else ./gpu_check_out
 #
-#   1. setup       the venv as `make setup` makes it. Its torch must be a CUDA build: when it sees no GPU (the CPU
-#                  build a CPU machine's pip config serves), torch is reinstalled, same version, from PyPI (whose Linux
-#                  torch is the CUDA build; TORCH_INDEX_URL overrides) without the local pip config and constraints.
-#                  PYTHON=/path/to/python: use that interpreter instead of the venv; setup then only checks it.
+#   1. setup       the interpreter. PYTHON=/path/to/python: that one, unchanged. Else, with a .whl/ folder (carried to
+#                  a lent machine, which has no network: `bash bench/gpu_wheels.sh` here gathers it): the machine's
+#                  python3 (it holds a CUDA torch) with .whl/ installed into a folder of its own (pip --target, no
+#                  index) and this checkout on PYTHONPATH. Else the venv as `make setup` makes it; when its torch sees
+#                  no GPU (the CPU build a CPU machine's pip config serves), torch is reinstalled, same version, from
+#                  PyPI (whose Linux torch is the CUDA build; TORCH_INDEX_URL overrides) without the local pip config
+#                  and constraints.
 #   2. nvidia-smi  once
-#   3. gpu tests   pytest -m gpu -q tests
+#   3. gpu tests   pytest -m gpu on the test files that have gpu tests (the others import ray and mlflow, which a
+#                  lent machine need not have)
 #   4. step cost   bench/step_cost.py --device cuda --precision bf16 --shape bert-base, KD and MetaDistil k=1 and
 #                  k=4 (forward_ad), few repeats: its ratio lines and each variant's peak GPU memory
 #
@@ -48,19 +52,27 @@ PY
 setup() {
   if [[ -n ${PYTHON:-} ]]; then  # an interpreter of the machine's own: check it, change nothing
     sees_cuda
-    return
+  elif [[ -d .whl ]]; then  # a lent machine: its python3 and the carried wheels, nothing fetched
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl
+    sees_cuda
+  else
+    make setup
+    if sees_cuda; then return 0; fi
+    local version
+    version=$(sed -n 's/^torch==//p' constraints.txt)
+    echo "!!!!!!!! the venv's torch is not a CUDA build: reinstalling torch==$version from PyPI !!!!!!!!"
+    "$py" -m pip uninstall -y torch
+    env -u PIP_FIND_LINKS -u PIP_EXTRA_INDEX_URL -u PIP_INDEX_URL -u PIP_CONSTRAINT PIP_CONFIG_FILE=/dev/null \
+      "$py" -m pip install --index-url "${TORCH_INDEX_URL:-https://pypi.org/simple}" "torch==$version"
+    sees_cuda
   fi
-  make setup
-  if sees_cuda; then return 0; fi
-  local version
-  version=$(sed -n 's/^torch==//p' constraints.txt)
-  echo "!!!!!!!! the venv's torch is not a CUDA build: reinstalling torch==$version from PyPI !!!!!!!!"
-  "$py" -m pip uninstall -y torch
-  env -u PIP_FIND_LINKS -u PIP_EXTRA_INDEX_URL -u PIP_INDEX_URL -u PIP_CONSTRAINT PIP_CONFIG_FILE=/dev/null \
-    "$py" -m pip install --index-url "${TORCH_INDEX_URL:-https://pypi.org/simple}" "torch==$version"
-  sees_cuda
 }
-export py
+site=/tmp/metadistil-site
+if [[ -z ${PYTHON:-} && -d .whl ]]; then
+  py=python3
+  export PYTHONPATH="$site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export py site
 export -f sees_cuda setup  # `timeout` runs programs, so the setup step runs in a child bash
 
 rm -f "$out/summary.log"
@@ -68,7 +80,8 @@ step setup "$SETUP_S" bash -c 'set -euo pipefail; setup'
 # tests/conftest.py defaults DeepSpeed to its CPU accelerator; from here on it is to use the GPU.
 export DS_ACCELERATOR=cuda
 step nvidia-smi "$SMI_S" nvidia-smi
-step pytest_gpu "$TESTS_S" "$py" -m pytest -m gpu -q tests
+mapfile -t gpu_tests < <(grep -rlE --include='test_*.py' 'pytest\.mark\.gpu' tests | sort)
+step pytest_gpu "$TESTS_S" "$py" -m pytest -m gpu -q -rs "${gpu_tests[@]}"
 step step_cost "$BENCH_S" "$py" bench/step_cost.py "${bench_args[@]}" --json "$out/step_cost.json"
 
 echo "== step cost: time and peak GPU memory against KD" | tee -a "$out/summary.log"

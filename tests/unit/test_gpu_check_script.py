@@ -17,8 +17,19 @@ def test_gpu_check_script_parses_and_names_its_steps():
     assert done.returncode == 0, done.stderr
     text = SCRIPT.read_text()
     for needle in ("set -euo pipefail", "make setup", "torch.cuda.is_available()", "constraints.txt", "nvidia-smi",
-                   "-m pytest -m gpu -q tests", "bench/step_cost.py", "timeout", '${1:-${OUT:-./gpu_check_out}}'):
+                   "-m pytest -m gpu", "bench/step_cost.py", "timeout", '${1:-${OUT:-./gpu_check_out}}',
+                   "--no-index --no-deps", "--target", "DS_ACCELERATOR=cuda"):
         assert needle in text, needle
+
+
+def test_gpu_test_files_import_neither_ray_nor_mlflow():
+    """A lent GPU machine has neither (bench/gpu_wheels.sh does not carry them): gpu_check.sh runs only the files
+    that hold gpu tests, and those must not need them, directly or through conftest."""
+    files = [p for p in (REPO / "tests").rglob("test_*.py") if "pytest.mark.gpu" in p.read_text()]
+    assert len(files) >= 3
+    for path in [*files, REPO / "tests" / "conftest.py", REPO / "tests" / "tiny.py"]:
+        imports = re.findall(r"^\s*(?:from|import) (\w+)", path.read_text(), re.MULTILINE)
+        assert not {"ray", "mlflow", "launcher"} & set(imports), path
 
 
 def test_gpu_check_steps_fit_eight_minutes():
