@@ -5,6 +5,9 @@ save_checkpoint/load_checkpoint), the best-validation student so far, the step, 
 continuation draws the same dropout masks an uninterrupted run would have. It also records the fingerprint of the
 trial config it was written for: a sweep rerun with a changed config reuses the trial ids, and a checkpoint of the old
 config must not be continued by the new one.
+
+Checkpoints sit in a sweep's (possibly shared) storage, so every file is read back with a weights-only unpickler
+(``trainer.engine.safe_load``): a planted file fails the trial instead of running code in it.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import torch
 
 from trainer.config import TrialConfig, digest
 from trainer.distributed import barrier, is_main, world
-from trainer.engine import Engine
+from trainer.engine import Engine, load_checkpoint, safe_load
 
 _STATE, _TRAINER, _TAG = "state.json", "trainer.pt", "engine"  # DeepSpeed itself writes a file "latest"
 
@@ -63,9 +66,9 @@ def load(folder: Path, engines: dict[str, Engine], config: str) -> tuple[int, di
                       stacklevel=2)
         return None
     for name, engine in engines.items():
-        engine.load_checkpoint(str(folder / name), tag=_TAG)
-    extra = torch.load(folder / _TRAINER, map_location="cpu", weights_only=True)
-    torch.set_rng_state(torch.load(folder / _rng_file(), map_location="cpu", weights_only=True))
+        load_checkpoint(engine, str(folder / name), tag=_TAG)
+    extra = safe_load(folder / _TRAINER)
+    torch.set_rng_state(safe_load(folder / _rng_file()))
     best = {"accuracy": state["best_accuracy"], "step": state["best_step"], "state": extra["best_state"]}
     return state["step"], best
 

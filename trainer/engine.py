@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import re
 import socket
 from collections.abc import Sequence
 from pathlib import Path
@@ -61,9 +63,68 @@ class TorchEngine:
                    Path(save_dir, tag, "engine.pt"))
 
     def load_checkpoint(self, load_dir: str, tag: str) -> None:
-        state = torch.load(Path(load_dir, tag, "engine.pt"), map_location="cpu", weights_only=True)
+        state = safe_load(Path(load_dir, tag, "engine.pt"))
         self.module.load_state_dict(state["module"])
         self.optimizer.load_state_dict(state["optimizer"])
+
+
+class UnsafeCheckpointError(RuntimeError):
+    """A checkpoint file holds pickled objects other than tensors and plain data; it is refused, never unpickled."""
+
+
+def safe_load(path: str | Path, map_location: Any = "cpu", allowed: Sequence[type] = ()) -> Any:
+    """``torch.load`` that rebuilds only tensors, plain data and the ``allowed`` types.
+
+    Checkpoints live in a sweep's (shared) storage and are read back on resume and on retries: a planted file must
+    fail the trial, not run code in it.
+    """
+    try:
+        with torch.serialization.safe_globals(list(allowed)):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        # torch's own message advises weights_only=False, the very thing refused here: name only the culprit.
+        culprit = re.search(r"GLOBAL (\S+) was not an allowed global", str(err))
+        named = f" ({culprit[1]})" if culprit else ""
+        raise UnsafeCheckpointError(f"refused to load {path}: it holds objects other than tensors and plain "
+                                    f"data{named}, and unpickling those can run code") from None
+
+
+def load_checkpoint(engine: Engine, load_dir: str, tag: str) -> None:
+    """Restore ``engine`` from what its ``save_checkpoint`` wrote, unpickling only tensors and plain data."""
+    if isinstance(engine, TorchEngine):
+        engine.load_checkpoint(load_dir, tag)
+        return
+    if engine.load_universal_checkpoint():
+        raise ConfigError("deepspeed.config_path: checkpoint.load_universal is not supported: DeepSpeed reads "
+                          "universal checkpoints with an unrestricted torch.load")
+    # DeepSpeed (0.19.8) has no option for how load_checkpoint reads files: it reads every file of a (non-universal)
+    # checkpoint through engine.checkpoint_engine.load, whose torch.load has weights_only=False. The safe reader
+    # stands in for this one load; saves keep the configured checkpoint engine.
+    configured = engine.checkpoint_engine
+    engine.checkpoint_engine = _SafeDeepSpeedReader()
+    try:
+        engine.load_checkpoint(load_dir, tag=tag)
+    finally:
+        engine.checkpoint_engine = configured
+
+
+class _SafeDeepSpeedReader:
+    """The part of DeepSpeed's CheckpointEngine interface that ``DeepSpeedEngine.load_checkpoint`` uses."""
+
+    def load(self, path: str, map_location: Any = None) -> Any:
+        return safe_load(path, map_location, _deepspeed_checkpoint_types())
+
+
+def _deepspeed_checkpoint_types() -> list[type]:
+    """The non-tensor types DeepSpeed pickles into its checkpoints, all in ZeRO's optimizer-state files: the ZeRO
+    stage, each parameter fragment's place in the flat buffer, and the loss scaler (static at fp32 and bf16, dynamic at
+    fp16). Found with ``torch.serialization.get_unsafe_globals_in_checkpoint`` on ZeRO 0-3 fp32/bf16 checkpoints and
+    on the pickled fp16 scaler; tests/unit/test_safe_load.py loads real ones."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, fragment_address, LossScaler, DynamicLossScaler]
 
 
 def apply_gradients(engine: Engine, grads: Sequence[torch.Tensor]) -> None:
