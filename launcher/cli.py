@@ -4,21 +4,23 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 from collections import Counter
 from pathlib import Path
 
 from trainer.config import ConfigError, explain, load_config
+from trainer.logging import redact_text, redact_uri
 
 
 def _train(args: argparse.Namespace) -> int:
-    from launcher.tracking import MLflowLogger, tracking_uri
-    from trainer.loop import run_trial
+    from launcher.tracking import MLflowLogger, refuse_config_credentials, resolve_tracking
 
     cfg = load_config(args.config, args.overrides)
-    loggers = []
-    uri = tracking_uri(cfg.tracking.mlflow_uri)
-    if uri:
-        loggers.append(MLflowLogger(uri, cfg.tracking.experiment, cfg.tracking.run_name))
+    refuse_config_credentials([cfg])
+    tracking = resolve_tracking(cfg.tracking.mlflow_uri, cfg.tracking.experiment, default=None)
+    loggers = [MLflowLogger(tracking.uri, tracking.experiment, cfg.tracking.run_name)] if tracking else []
+    from trainer.loop import run_trial  # torch and DeepSpeed: seconds of imports, after the quick checks
+
     result = run_trial(cfg, loggers, progress=not args.no_progress)
     print(f"best validation accuracy {result.metrics['best_val_accuracy']:.4f}, "
           f"test accuracy {result.metrics['test_accuracy']:.4f}; outputs in {result.output_dir}")
@@ -26,7 +28,10 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
+    from launcher.tracking import refuse_config_credentials
+
     cfg = load_config(args.config, args.overrides)
+    refuse_config_credentials([cfg])
     teachers = ", ".join(t.name for t in cfg.teachers) or "none"
     print(f"{args.config}: valid ({cfg.algorithm}; student {cfg.student.name}; teachers {teachers})")
     return 0
@@ -39,9 +44,11 @@ def _explain(args: argparse.Namespace) -> int:
 
 def _sweep(args: argparse.Namespace) -> int:
     from launcher.spec import expand, load_spec
+    from launcher.tracking import refuse_config_credentials
 
     spec, base = load_spec(args.spec)
     plan = expand(spec, base)
+    refuse_config_credentials([t.config for t in [*plan.teacher_trials.values(), *plan.trials]])
     if args.dry_run:
         print(format_plan(plan))
         return 0
@@ -49,12 +56,12 @@ def _sweep(args: argparse.Namespace) -> int:
 
     result = run_sweep(plan, resume=args.resume)
     print(f"sweep {spec.name}: {len(result.finished)} trials ran, {len(result.skipped)} already finished, "
-          f"{len(result.failed)} failed; MLflow parent run {result.parent_run_id} at {result.tracking_uri}")
+          f"{len(result.failed)} failed; MLflow parent run {result.parent_run_id} at {redact_uri(result.tracking_uri)}")
     if result.replaced:
         print(f"  ran again because their config changed since their earlier run (now deleted in MLflow, "
               f"restorable): {', '.join(result.replaced)}")
     for trial, error in result.failed.items():
-        print(f"  FAILED {trial}: {error.splitlines()[0][:300]}")
+        print(f"  FAILED {trial}: {redact_text(error.splitlines()[0])[:300]}")
     print("sweep wall time: " + ", ".join(f"{k.removeprefix('sweep_').removesuffix('_s').replace('_', ' ')} "
                                           f"{v:.1f} s" for k, v in result.phases.items()))
     if result.best:
@@ -91,11 +98,12 @@ def format_plan(plan) -> str:
 
 def _report(args: argparse.Namespace) -> int:
     from launcher.report import ReportError, build_report
-    from launcher.runs import resolve_uri
+    from launcher.tracking import local_store, resolve_tracking
 
     out = Path(args.out or f"runs/reports/{args.sweep}")
+    tracking = resolve_tracking(args.tracking_uri, args.experiment, default=local_store())
     try:
-        report = build_report(resolve_uri(args.tracking_uri), args.sweep, out, experiment=args.experiment,
+        report = build_report(tracking.uri, args.sweep, out, experiment=tracking.experiment,
                               attach=not args.no_attach)
     except ReportError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -167,8 +175,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {redact_text(str(err))}", file=sys.stderr)
         return 2
+    except Exception:  # noqa: BLE001 - shown as Python would show it, but never with a password from a URI
+        print(redact_text(traceback.format_exc()), end="", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -17,7 +17,9 @@ from typing import Any
 
 from launcher import runs
 from launcher.spec import Plan, Trial
-from trainer.config import NoiseConfig, flatten
+from launcher.spec_checks import prepare_storage
+from launcher.tracking import local_store, resolve_tracking
+from trainer.config import NoiseConfig, TrackingConfig, flatten
 from trainer.tokenized import prepare_token_caches
 
 
@@ -65,10 +67,10 @@ def run_sweep(plan: Plan, resume: bool = False, verbose: int = 1) -> SweepResult
         phases[f"sweep_{name}_s"] = now - clock
         clock = now
 
-    base_tracking = plan.trials[0].config.tracking if plan.trials else None
-    uri = runs.resolve_uri(base_tracking.mlflow_uri if base_tracking else None)
-    experiment = base_tracking.experiment if base_tracking else "metadistil"
-    runs.check_reachable(uri)
+    prepare_storage(plan.spec.storage_path)  # an unwritable storage fails here, before MLflow runs and Ray start
+    base_tracking = plan.trials[0].config.tracking if plan.trials else TrackingConfig()
+    tracking = resolve_tracking(base_tracking.mlflow_uri, base_tracking.experiment, local_store())
+    uri, experiment = tracking.uri, tracking.experiment
     parent = runs.parent_run(uri, experiment, plan.spec.name, plan.config_hash, resume)
     everything = [*plan.teacher_trials.values(), *plan.trials]
     done, replaced = runs.reconcile_trials(uri, experiment, parent, {t.id: t.config for t in everything}) \
@@ -137,7 +139,7 @@ def _run_stage(plan: Plan, stage: str, trials: list[Trial], common: dict[str, An
     from ray import tune
 
     spec = plan.spec
-    storage = spec.storage_path if "://" in spec.storage_path else str(Path(spec.storage_path).resolve())
+    storage = str(Path(spec.storage_path).resolve())  # a local or mounted folder: spec loading refuses URIs
     # The grid varies only the trial id; the full configs travel once, through the object store.
     by_id = {t.id: {"id": t.id, "config": t.config.model_dump(mode="json"), "tags": trial_tags(plan, t),
                     "workers": t.workers, "cpus": spec.resources.cpus, "gpus": spec.resources.gpus,

@@ -40,7 +40,8 @@ from typing import Any
 import numpy as np
 
 from launcher.runs import CONFIG_HASH, ROLE, SWEEP, TRIAL_ID
-from launcher.tracking import redact
+from launcher.tracking import client as mlflow_client
+from trainer.logging import redact_uri
 
 OFF = "off"
 ROLE_TAG, SWEEP_TAG, TRIAL_TAG, HASH_TAG = ROLE, SWEEP, TRIAL_ID, CONFIG_HASH
@@ -105,9 +106,7 @@ class _Cell:
 def build_report(tracking_uri: str, sweep: str, out_dir: Path, experiment: str = "metadistil",
                  attach: bool = True) -> Report:
     """Read the sweep ``sweep`` from MLflow at ``tracking_uri`` and write its Table 1 to ``out_dir``."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri)
+    client = mlflow_client(tracking_uri)
     parent = _parent_run(client, tracking_uri, sweep, experiment)
     children = _children(client, parent.info.experiment_id, parent.info.run_id)
     attempts = _latest_attempts(children)
@@ -137,7 +136,7 @@ def build_report(tracking_uri: str, sweep: str, out_dir: Path, experiment: str =
 # ---------------------------------------------------------------------------------------------------- reading runs
 
 def _parent_run(client, uri: str, sweep: str, experiment: str):
-    where = f"at tracking URI {redact('uri', uri)}"
+    where = f"at tracking URI {redact_uri(uri)}"
     if "'" in sweep or "\\" in sweep:
         raise ReportError(f"invalid sweep name {sweep!r}")
     found = client.get_experiment_by_name(experiment)

@@ -4,35 +4,15 @@ from __future__ import annotations
 
 import subprocess
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
-from launcher.tracking import experiment_id, param_values, tracking_uri
-from trainer.config import ConfigError, TrialConfig, flatten
+from launcher.tracking import client as mlflow_client
+from launcher.tracking import experiment_id, param_values
+from trainer.config import TrialConfig, flatten
 
 ROLE, SWEEP, TRIAL_ID, CONFIG_HASH = "metadistil.role", "metadistil.sweep", "metadistil.trial_id", \
     "metadistil.config_hash"
 PREVIOUS_HASH = "metadistil.previous_config_hash"
-
-
-def resolve_uri(configured: str | None) -> str:
-    """The configured or MLFLOW_TRACKING_URI server, else an embedded SQLite database in the working folder."""
-    return tracking_uri(configured) or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
-
-
-def check_reachable(uri: str, timeout: float = 5.0) -> None:
-    """Refuse to start a sweep whose tracking server does not answer, naming the URI, before any trial runs."""
-    if uri.startswith(("http://", "https://")):
-        try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as reply:
-                if reply.status != 200:
-                    raise OSError(f"HTTP {reply.status}")
-        except (OSError, urllib.error.URLError) as err:
-            raise ConfigError(f"MLflow tracking server {uri} is unreachable ({err}); start it or set "
-                              f"MLFLOW_TRACKING_URI") from None
-    elif uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
 
 
 def git_commit() -> str | None:
@@ -51,9 +31,7 @@ def parent_run(uri: str, experiment: str, sweep: str, config_hash: str, resume: 
     of its trials still count as finished is decided trial by trial (``reconcile_trials``). The parent then carries the
     new hash, and the one it had before under ``metadistil.previous_config_hash``.
     """
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(uri)
+    client = mlflow_client(uri)
     exp = experiment_id(client, experiment)
     if resume:
         found = client.search_runs([exp], f"tags.`{SWEEP}` = '{sweep}' and tags.`{ROLE}` = 'sweep'",
@@ -74,9 +52,7 @@ def parent_run(uri: str, experiment: str, sweep: str, config_hash: str, resume: 
 
 def child_run(uri: str, experiment: str, parent_id: str, trial: str) -> str | None:
     """The run already logged for this trial under this parent (a retry or a resume reattaches to it)."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(uri)
+    client = mlflow_client(uri)
     found = client.search_runs([experiment_id(client, experiment)],
                                f"tags.`mlflow.parentRunId` = '{parent_id}' and tags.`{TRIAL_ID}` = '{trial}'",
                                max_results=2)
@@ -92,9 +68,7 @@ def reconcile_trials(uri: str, experiment: str, parent_id: str,
     logged). A run of another config is deleted (MLflow keeps deleted runs restorable: ``mlflow runs restore``), so its
     trial runs again and gets a fresh run; its checkpoint, keyed by the same config, is not continued either.
     """
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(uri)
+    client = mlflow_client(uri)
     found = client.search_runs([experiment_id(client, experiment)], f"tags.`mlflow.parentRunId` = '{parent_id}'",
                                max_results=10_000)
     done, replaced = set(), []
@@ -118,9 +92,7 @@ def _config_params(params: dict[str, str]) -> dict[str, str]:
 
 def end_parent(uri: str, parent_id: str, failed: int, phases: dict[str, float]) -> None:
     from mlflow.entities import Metric
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(uri)
+    client = mlflow_client(uri)
     client.set_tag(parent_id, "metadistil.failed_trials", str(failed))
     now = int(time.time() * 1000)
     client.log_batch(parent_id, metrics=[Metric(k, v, now, 0) for k, v in phases.items()])
@@ -130,9 +102,7 @@ def end_parent(uri: str, parent_id: str, failed: int, phases: dict[str, float]) 
 def register_best_student(uri: str, experiment: str, parent_id: str, sweep: str) -> tuple[str, str] | None:
     """Register the student of the sweep's best trial (highest validation accuracy; test accuracy stays unseen by the
     choice) as a new version of the registered model ``metadistil-<sweep>``; return (trial id, version)."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(uri)
+    client = mlflow_client(uri)
     trials = client.search_runs([experiment_id(client, experiment)],
                                 f"tags.`mlflow.parentRunId` = '{parent_id}' and tags.`{ROLE}` = 'trial' "
                                 "and attributes.status = 'FINISHED'", max_results=10_000)

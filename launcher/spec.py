@@ -2,7 +2,8 @@
 
 Axes: teacher sets, students, warm-up epochs, noise settings, algorithms, seeds, and any other trial key (``extra``).
 Combinations that mean nothing are dropped by rule: finetune has no teachers, and warm-up and noise variants apply to
-the distillation algorithms only. ``include`` adds combinations, ``exclude`` removes them.
+the distillation algorithms only. ``include`` adds combinations, ``exclude`` removes them. Names and values that
+become folder names, repeated values and the storage folder are checked by ``launcher.spec_checks``.
 """
 
 from __future__ import annotations
@@ -11,17 +12,18 @@ import itertools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from launcher.spec_checks import (NAME, check_extra_axes, check_folder_part, check_names, check_no_repeats,
+                                  check_outputs_inside, check_storage, refuse_storage_uri, warn_unmatched_excludes)
 from trainer.config import (ALGORITHMS, ConfigError, NoiseConfig, StudentConfig, TrialConfig, apply_overrides, digest,
                             parse_config)
 from trainer.distributed import check_workers
+from trainer.strict_yaml import read_yaml
 
 AXES = ("algorithm", "teacher_set", "student", "warmup", "noise", "seed", "workers")
-_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$"
 
 
 class _Section(BaseModel):
@@ -54,15 +56,35 @@ class TeacherRecipe(_Section):
 
 class GridSpec(_Section):
     algorithm: list[Literal[ALGORITHMS]] = Field(list(ALGORITHMS), min_length=1, description="Algorithms.")
-    teacher_set: list[str] | None = Field(None, description="Teacher-set names; null = all of teacher_sets.")
-    student: list[str] | None = Field(None, description="Student names; null = all of students.")
+    teacher_set: list[str] | None = Field(None, min_length=1, description="Teacher-set names; null = all of "
+                                          "teacher_sets.")
+    student: list[str] | None = Field(None, min_length=1, description="Student names; null = all of students.")
     warmup: list[float] = Field([0.0], min_length=1, description="Warm-up epochs (distillation algorithms only).")
     noise: list[str] | None = Field(None, min_length=1, description="Noise setting names (distillation only); "
                                     "null = no noise.")
     seed: list[int] = Field([42], min_length=1, description="Trial seeds.")
     workers: list[int] | None = Field(None, min_length=1, description="Data-parallel workers per trial (Ray Train "
                                       "DeepSpeed data parallel when > 1); null = resources.workers.")
-    extra: dict[str, list[Any]] = Field(default_factory=dict, description="Any other dotted trial key and its values.")
+    extra: dict[str, Annotated[list[Any], Field(min_length=1)]] = Field(
+        default_factory=dict, description="Any other dotted trial key and its values.")
+
+
+class Combination(BaseModel):
+    """An include item or exclude pattern: axis values (typed as the grid's) and values of grid.extra keys."""
+
+    model_config = ConfigDict(extra="allow")
+
+    # None defaults mean "not given" (include: the grid's first value; exclude: any); a given null is refused
+    algorithm: Literal[ALGORITHMS] = None
+    teacher_set: str | None = None  # null: no teachers (finetune)
+    student: str = None
+    warmup: float = Field(None, ge=0)
+    noise: str = None
+    seed: int = Field(None, ge=0)
+    workers: int = Field(None, ge=1)
+
+    def axes(self) -> dict[str, Any]:
+        return self.model_dump(exclude_unset=True)
 
 
 class ResourceSpec(_Section):
@@ -73,7 +95,7 @@ class ResourceSpec(_Section):
 
 
 class SweepSpec(_Section):
-    name: str = Field(..., pattern=_NAME, description="Sweep name: MLflow parent run, Ray experiment folder.")
+    name: str = Field(..., pattern=NAME, description="Sweep name: MLflow parent run, Ray experiment folder.")
     base: dict[str, Any] | str = Field(default_factory=dict, description="Base trial config: a mapping, or a trial "
                                        "YAML path relative to the spec file.")
     teachers: dict[str, TeacherRecipe] = Field(default_factory=dict, description="Teachers by name.")
@@ -82,22 +104,41 @@ class SweepSpec(_Section):
     noise: dict[str, NoiseConfig] = Field(default_factory=lambda: {"off": NoiseConfig()},
                                           description="Named noise settings.")
     grid: GridSpec = Field(default_factory=GridSpec, description="The axes.")
-    include: list[dict[str, Any]] = Field(default_factory=list, description="Extra combinations (axis: value).")
-    exclude: list[dict[str, Any]] = Field(default_factory=list, description="Combinations to drop; a partial "
+    include: list[Combination] = Field(default_factory=list, description="Extra combinations (axis: value).")
+    exclude: list[Combination] = Field(default_factory=list, description="Combinations to drop; a partial "
                                           "mapping drops every combination that matches it.")
     resources: ResourceSpec = Field(default_factory=ResourceSpec, description="Resources per trial.")
     max_concurrent_trials: int | None = Field(None, ge=1, description="Trials at once; null = as resources allow.")
     max_failures: int = Field(1, ge=0, description="Retries of a failed trial (from its last checkpoint).")
-    storage_path: str = Field("runs/sweeps", description="Sweep results, checkpoints and the teacher cache: a "
-                              "local folder or a shared path/URI on a cluster.")
+    storage_path: str = Field("runs/sweeps", min_length=1, description="Sweep results, checkpoints and the teacher "
+                              "cache: a local folder; on a cluster a folder every node mounts (NFS, EFS...).")
+
+    @field_validator("storage_path")
+    @classmethod
+    def _local_folder(cls, storage_path: str) -> str:
+        return refuse_storage_uri(storage_path)
 
     @model_validator(mode="after")
-    def _references(self) -> SweepSpec:
+    def _consistent(self) -> SweepSpec:
+        for section in ("teachers", "teacher_sets", "students", "noise"):
+            check_names(section, getattr(self, section))
+        self._check_teacher_sets()
+        self._check_grid()
+        self._check_combinations()
+        return self
+
+    def _check_teacher_sets(self) -> None:
         for set_name, members in self.teacher_sets.items():
             unknown = [m for m in members if m not in self.teachers]
             if unknown or not members:
                 raise ValueError(f"teacher_sets.{set_name}: unknown teachers {unknown} (defined: "
                                  f"{', '.join(self.teachers)})" if unknown else f"teacher_sets.{set_name}: empty")
+            check_no_repeats(f"teacher_sets.{set_name}", members)
+
+    def _check_grid(self) -> None:
+        for axis in AXES:
+            check_no_repeats(f"grid.{axis}", getattr(self.grid, axis) or [])
+        check_extra_axes(self.grid.extra, AXES)
         for axis, names, defined in (("teacher_set", self.grid.teacher_set, self.teacher_sets),
                                      ("student", self.grid.student, self.students),
                                      ("noise", self.grid.noise, self.noise)):
@@ -107,11 +148,23 @@ class SweepSpec(_Section):
         distills = any(a != "finetune" for a in self.grid.algorithm)
         if distills and not self.teacher_sets:
             raise ValueError("teacher_sets: kd and metadistil need at least one teacher set")
-        for i, combo in enumerate(self.include + self.exclude):
-            unknown = [k for k in combo if k not in AXES and k not in self.grid.extra]
-            if unknown:
-                raise ValueError(f"include/exclude item {i}: unknown axes {unknown} (axes: {', '.join(AXES)})")
-        return self
+
+    def _check_combinations(self) -> None:
+        for kind, combos in (("include", self.include), ("exclude", self.exclude)):
+            for i, combo in enumerate(combos):
+                unknown = [k for k in combo.axes() if k not in AXES and k not in self.grid.extra]
+                if unknown:
+                    raise ValueError(f"{kind}.{i}: unknown axes {unknown} (axes: {', '.join(AXES)}, and the keys "
+                                     "of grid.extra)")
+        defined = {"teacher_set": self.teacher_sets, "student": self.students,
+                   "noise": dict.fromkeys([*self.noise, _off_name(self)])}
+        for i, combo in enumerate(c.axes() for c in self.include):
+            for axis, names in defined.items():
+                if combo.get(axis) is not None and combo[axis] not in names:
+                    raise ValueError(f"include.{i}.{axis}: {combo[axis]!r} is not defined (defined: "
+                                     f"{', '.join(names)})")
+            for key in [k for k in combo if k not in AXES]:
+                check_folder_part(f"include.{i}.{key}", combo[key])
 
 
 @dataclass
@@ -142,21 +195,29 @@ def load_spec(path: str | Path) -> tuple[SweepSpec, dict[str, Any]]:
     if not path.is_file():
         raise ConfigError(f"sweep spec not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-        spec = SweepSpec.model_validate(raw)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        spec = SweepSpec.model_validate(read_yaml(path) or {})
     except ValidationError as err:
-        lines = [f"{'.'.join(map(str, e['loc'])) or '<root>'}: {e['msg'].removeprefix('Value error, ')}"
-                 for e in err.errors()]
-        raise ConfigError(f"invalid sweep spec {path}:\n  " + "\n  ".join(lines)) from None
+        lines = [_error_line(e) for e in err.errors()]
+        joined = f" {lines[0]}" if len(lines) == 1 else "\n  " + "\n  ".join(lines)
+        raise ConfigError(f"invalid sweep spec {path}:{joined}") from None
     base = spec.base
     if isinstance(base, str):
         base_path = (path.parent / base).resolve()
         if not base_path.is_file():
             raise ConfigError(f"base: trial config {base_path} not found")
-        base = yaml.safe_load(base_path.read_text()) or {}
+        base = read_yaml(base_path) or {}
     return spec, base
+
+
+def _error_line(error: dict[str, Any]) -> str:
+    key = ".".join(map(str, error["loc"]))
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "value_error" and not key:
+        return message  # the spec's own checks name their key in the message
+    if error["type"] in ("missing", "extra_forbidden"):
+        return f"{key}: {message}"
+    value = repr(error["input"])
+    return f"{key or '<root>'}: {message} (got {value if len(value) <= 80 else value[:77] + '...'})"
 
 
 def expand(spec: SweepSpec, base: dict[str, Any]) -> Plan:
@@ -166,33 +227,49 @@ def expand(spec: SweepSpec, base: dict[str, Any]) -> Plan:
     paths on shared storage mean the same thing on every node.
     """
     spec = spec.model_copy(update={"storage_path": _absolute(spec.storage_path, must_exist=False)})
+    storage = Path(spec.storage_path)
+    check_storage(storage)
     base = apply_overrides(base, [])
     if base.get("data", {}).get("path"):
         base["data"]["path"] = _absolute(base["data"]["path"])
-    storage = Path(spec.storage_path)
     teacher_trials = {name: _teacher_trial(name, recipe, base, storage, spec.resources.workers)
                       for name, recipe in spec.teachers.items() if recipe.finetune}
     g = spec.grid
-    axes_values = {"algorithm": g.algorithm, "teacher_set": g.teacher_set or list(spec.teacher_sets),
-                   "student": g.student or list(spec.students), "warmup": g.warmup, "noise": g.noise or [_off_name(spec)],
-                   "seed": g.seed, "workers": g.workers or [spec.resources.workers], **g.extra}
+    # a finetune-only spec needs no teacher set: its one teacher_set value is none
+    axes_values = {"algorithm": g.algorithm, "teacher_set": g.teacher_set or list(spec.teacher_sets) or [None],
+                   "student": g.student or list(spec.students), "warmup": g.warmup,
+                   "noise": g.noise or [_off_name(spec)], "seed": g.seed,
+                   "workers": g.workers or [spec.resources.workers], **g.extra}
     grid = [dict(zip(axes_values, values)) for values in itertools.product(*axes_values.values())]
-    included = [c for c in spec.include if c not in grid]
+    included = [c for c in (item.axes() for item in spec.include) if c not in grid]
+    patterns = [item.axes() for item in spec.exclude]
+    matched: set[int] = set()
     trials: dict[str, Trial] = {}
     dropped: list[tuple[dict[str, Any], str]] = []
     for combo, explicit in [(c, False) for c in grid] + [(c, True) for c in included]:
         combo = _normalise({**{axis: values[0] for axis, values in axes_values.items()}, **combo}, spec)
-        _check_names(combo, spec)
         # an explicit include wins over exclude patterns
-        reason = None if explicit else next((f"excluded by {ex}" for ex in spec.exclude if _matches(combo, ex)), None)
-        if reason:
-            dropped.append((combo, reason))
+        hits = [] if explicit else [i for i, pattern in enumerate(patterns) if _matches(combo, pattern)]
+        matched.update(hits)
+        if hits:
+            dropped.append((combo, f"excluded by {patterns[hits[0]]}"))
             continue
-        trial = _trial(combo, spec, base, teacher_trials)
-        if trial.id in trials:
-            continue  # a rule collapsed it onto an earlier combination
-        trials[trial.id] = trial
+        _add(trials, _trial(combo, spec, base, teacher_trials))
+    warn_unmatched_excludes(patterns, matched)
+    if not trials:
+        raise ConfigError(f"exclude: drops all {len(dropped)} combinations of the grid; the sweep would run no trial")
+    check_outputs_inside(storage, {t.id: t.config.output.dir for t in [*teacher_trials.values(), *trials.values()]})
     return Plan(spec, teacher_trials, list(trials.values()), dropped)
+
+
+def _add(trials: dict[str, Trial], trial: Trial) -> None:
+    earlier = trials.setdefault(trial.id, trial)
+    # the same id with the same config: a rule collapsed the combination onto an earlier one
+    if earlier.config != trial.config:
+        axis = next(k for k in trial.axes if trial.axes[k] != earlier.axes.get(k))
+        raise ConfigError(f"grid.{axis if axis in AXES else 'extra.' + axis}: {earlier.axes[axis]!r} and "
+                          f"{trial.axes[axis]!r} make the same trial id {trial.id!r} but different configs; give "
+                          "values that differ in the trial id (warm-up shows 6 significant digits)")
 
 
 def _normalise(combo: dict[str, Any], spec: SweepSpec) -> dict[str, Any]:
@@ -204,13 +281,6 @@ def _normalise(combo: dict[str, Any], spec: SweepSpec) -> dict[str, Any]:
     if combo.get("algorithm") == "finetune":
         combo.update(teacher_set=None, warmup=0.0, noise=_off_name(spec))
     return combo
-
-
-def _check_names(combo: dict[str, Any], spec: SweepSpec) -> None:
-    """An include item may name anything; refuse names the spec does not define."""
-    for axis, defined in (("teacher_set", spec.teacher_sets), ("student", spec.students)):
-        if combo.get(axis) is not None and combo[axis] not in defined:
-            raise ConfigError(f"include: {axis} {combo[axis]!r} is not defined (defined: {', '.join(defined)})")
 
 
 def _off_name(spec: SweepSpec) -> str:
@@ -240,8 +310,6 @@ def _trial(combo: dict[str, Any], spec: SweepSpec, base: dict[str, Any], teacher
     raw["student"]["name"] = _absolute(raw["student"]["name"])
     raw["teachers"] = [_teacher_model(name, spec.teachers[name], teacher_trials) for name in members]
     raw["warmup"] = {"epochs": combo["warmup"]}
-    if combo["noise"] not in spec.noise and combo["noise"] != _off_name(spec):
-        raise ConfigError(f"include: noise {combo['noise']!r} is not defined in noise ({', '.join(spec.noise)})")
     raw["noise"] = spec.noise.get(combo["noise"], NoiseConfig()).model_dump()
     raw = apply_overrides(raw, [f"{k}={json.dumps(v)}" for k, v in combo.items() if k not in AXES])
     raw.setdefault("output", {})["dir"] = str(Path(spec.storage_path) / spec.name / "trials" / tid)

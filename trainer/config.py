@@ -16,11 +16,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from trainer.errors import ConfigError
+from trainer.strict_yaml import StrictLoader, read_yaml
+
 ALGORITHMS = ("finetune", "kd", "metadistil")
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot run; the message names every offending key."""
 
 
 class _Section(BaseModel):
@@ -284,7 +283,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         if not sep or not key or not all(parts):
             raise ConfigError(f"override {item!r}: expected dotted.key=value (e.g. optim.lr=1e-4)")
         try:
-            value = yaml.safe_load(text) if text.strip() else ""
+            value = yaml.load(text, Loader=StrictLoader) if text.strip() else ""
         except yaml.YAMLError as err:  # surfaced as a ConfigError naming the key, not a YAML traceback
             reason = " ".join(str(getattr(err, "problem", None) or err).split())
             raise ConfigError(f"override {key}: value {text!r} is not valid YAML ({reason})") from None
@@ -329,10 +328,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> TrialCo
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    raw = read_yaml(path) or {}
     if not isinstance(raw, dict):  # checked before overrides, which would otherwise fail obscurely on a list
         raise ConfigError(f"{path}: the top level must be a mapping of config keys, got {type(raw).__name__}")
     return parse_config(apply_overrides(raw, overrides or []))

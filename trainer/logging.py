@@ -1,14 +1,26 @@
-"""The logger protocol the trainer reports through, and the always-on stdout logger.
+"""The logger protocol the trainer reports through, the always-on stdout logger, and the redaction of credentials in
+URIs that every logger applies.
 
 Trackers (MLflow) implement the same protocol in the launcher package, so the trainer never imports them.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Protocol
 
 from tqdm.auto import tqdm
+
+MASK = "***"
+_URI = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"<>]+")
+_QUERY_OR_FRAGMENT = re.compile(r"[?#]")
+_QUERY_ITEM = re.compile(r"(?P<lead>[?&;#])(?P<name>[^=&;#]+)=(?P<value>[^&;#]*)")
+_SECRET_WORDS = {"password", "passwd", "passphrase", "secret", "secrets", "credential", "credentials", "auth",
+                 "authorization", "apikey"}
+_SECRET_PAIRS = {("api", "key"), ("access", "key"), ("secret", "key"), ("private", "key")}
+_QUERY_SECRET_WORDS = {"token", "key", "sig", "signature"}
+_SPECIAL_TOKENS = {"pad", "unk", "mask", "cls", "sep", "bos", "eos"}  # tokenizer words, e.g. a pad_token setting
 
 
 class Logger(Protocol):
@@ -44,7 +56,7 @@ class StdoutLogger:
         self.print(f"saved {name}: {folder}")
 
     def finish(self, status: str, error: str | None = None) -> None:
-        self.print(f"trial {status}" + (f": {error}" if error else ""))
+        self.print(f"trial {status}" + (f": {redact_text(error)}" if error else ""))
 
 
 class Loggers:
@@ -63,3 +75,56 @@ class Loggers:
 
 def _fmt(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _words(name: str) -> list[str]:
+    """``hf_token``, ``hfToken`` and ``HF-TOKEN`` all read ["hf", "token"]."""
+    return [w for w in re.split(r"[^a-z0-9]+", re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", name).lower()) if w]
+
+
+def is_secret_name(name: str) -> bool:
+    """A key or query-parameter name that holds a credential, judged on its last dotted part split into words.
+
+    Secret: the last word is password, passwd, passphrase, secret(s), credential(s), auth, authorization or apikey;
+    the last two are api_key, access_key, secret_key or private_key; or the last word is ``token`` after another word
+    (``hf_token``, ``api_token``, ``access_token``). Not secret: a bare ``token`` (the noise word,
+    ``noise.student.token``), a tokenizer's special tokens (``pad_token``, ``mask_token``, ...), ``tokenizer``,
+    ``token_cache``, and names where the secret word is not last (``password_file``, ``auth_mode``), which hold paths
+    and settings rather than the secret itself.
+    """
+    parts = _words(name.rsplit(".", 1)[-1])
+    if not parts:
+        return False
+    auth_token = parts[-1] == "token" and len(parts) > 1 and parts[-2] not in _SPECIAL_TOKENS
+    return parts[-1] in _SECRET_WORDS or tuple(parts[-2:]) in _SECRET_PAIRS or auth_token
+
+
+def redact_uri(uri: str) -> str:
+    """``uri`` with its credentials replaced by ``***``; scheme, host, port and path stay readable.
+
+    Masks the whole user-info (``user:pw@``, ``:token@``; up to the last ``@`` before the query, so an unescaped ``@``
+    or ``/`` in a password is masked too) and the values of query or fragment parameters named like a credential
+    (``is_secret_name``, or token, key, sig, signature: ``?token=``, ``?access_token=``, ``?api_key=``).
+    """
+    scheme, sep, rest = uri.partition("://")
+    if not sep:
+        return uri
+    cut = _QUERY_OR_FRAGMENT.search(rest)
+    location, tail = (rest[:cut.start()], rest[cut.start():]) if cut else (rest, "")
+    _, at, host_and_path = location.rpartition("@")
+    if at:
+        location = f"{MASK}@{host_and_path}"
+    return f"{scheme}://{location}{_QUERY_ITEM.sub(_mask_query_item, tail)}"
+
+
+def _mask_query_item(item: re.Match) -> str:
+    # In a query a bare token or key is the credential itself, not a setting named after one (as in a config).
+    last = _words(item["name"])[-1:]
+    if is_secret_name(item["name"]) or (last and last[0] in _QUERY_SECRET_WORDS):
+        return f"{item['lead']}{item['name']}={MASK}"
+    return item[0]
+
+
+def redact_text(text: str) -> str:
+    """Free text (an error message, a traceback) with every URI in it redacted (``redact_uri``)."""
+    return _URI.sub(lambda found: redact_uri(found[0]), text)

@@ -293,3 +293,17 @@ def test_sections_are_strict():
     for section in (DataConfig, OptimConfig, NoiseSide, StudentConfig):
         with pytest.raises(Exception):
             section(unknown=1)
+
+
+def test_a_key_given_twice_in_a_trial_config_is_refused(tmp_path):
+    """YAML would silently keep the last value: a config that sets a key twice would run the second one."""
+    path = tmp_path / "trial.yaml"
+    path.write_text("algorithm: kd\nteachers: [{name: a}]\noptim:\n  lr: 1.0e-4\n  batch_size: 8\n  lr: 3.0e-4\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == (f"{path}: optim.lr: key given twice (lines 4 and 6); YAML would silently keep only "
+                               f"the last value")
+    path.write_text("algorithm: kd\nteachers: [{name: a}]\n")
+    with pytest.raises(ConfigError, match=r"^override optim: value '\{lr: 1, lr: 2\}' is not valid YAML \(lr: key "
+                       r"given twice"):
+        load_config(path, ["optim={lr: 1, lr: 2}"])
