@@ -67,9 +67,9 @@ def run_sweep(plan: Plan, resume: bool = False, verbose: int = 1) -> SweepResult
         phases[f"sweep_{name}_s"] = now - clock
         clock = now
 
-    prepare_storage(plan.spec.storage_path)  # an unwritable storage fails here, before MLflow runs and Ray start
     base_tracking = plan.trials[0].config.tracking if plan.trials else TrackingConfig()
     tracking = resolve_tracking(base_tracking.mlflow_uri, base_tracking.experiment, local_store())
+    prepare_storage(plan.spec.storage_path)  # an unwritable storage fails here, before any MLflow run and Ray
     uri, experiment = tracking.uri, tracking.experiment
     parent = runs.parent_run(uri, experiment, plan.spec.name, plan.config_hash, resume)
     everything = [*plan.teacher_trials.values(), *plan.trials]
