@@ -16,13 +16,33 @@
 # belong in the cluster's own environment, not here: runtime-env variables are shown in the Ray dashboard.
 set -euo pipefail
 
+usage() { sed -n '2,17p' "$0"; }
+# `ray job submit` options that take no value; every other option takes one, as `--opt=value` or `--opt value`.
+flags=" --no-wait -v --verbose "
 submit_opts=()
 while [[ $# -gt 0 && $1 == -* ]]; do
+    case $1 in
+        -h | --help) usage; exit 0 ;;
+        --) shift; break ;;
+        --address | --address=* | --submission-id | --submission-id=* | --working-dir | --working-dir=* | \
+            --runtime-env-json | --runtime-env-json=*)
+            echo "cluster/submit.sh: $1 is set by this script (RAY_ADDRESS, SUBMISSION_ID, this checkout, the" \
+                 "MLflow env); call ray job submit directly to change it" >&2
+            exit 2 ;;
+    esac
     submit_opts+=("$1")
+    if [[ $1 != *=* && $flags != *" $1 "* ]]; then
+        if [[ $# -lt 2 || $2 == -* ]]; then
+            echo "cluster/submit.sh: $1 needs a value (e.g. $1 VALUE or $1=VALUE)" >&2
+            exit 2
+        fi
+        submit_opts+=("$2")
+        shift
+    fi
     shift
 done
 if [[ $# -lt 1 ]]; then
-    sed -n '2,17p' "$0" >&2
+    usage >&2
     exit 2
 fi
 spec=$1

@@ -162,3 +162,30 @@ def test_submit_refuses_without_address_or_tracking_server(fake_ray, missing):
     del env[missing]
     out = run_submit(fake_ray, ["configs/sweep/demo.yaml"], **env)
     assert out.returncode != 0 and missing in out.stderr and out.stdout == ""
+
+
+def test_submit_takes_ray_options_with_their_values_in_either_form(fake_ray):
+    env = {"RAY_ADDRESS": "http://h:8265", "MLFLOW_TRACKING_URI": "http://m"}
+    out = run_submit(fake_ray, ["--entrypoint-num-cpus", "1", "--no-wait", "--entrypoint-memory=2000", "-v",
+                                "configs/sweep/demo.yaml", "--dry-run"], **env)
+    assert out.returncode == 0, out.stderr
+    argv = json.loads(out.stdout)
+    options = argv[:argv.index("--")]
+    assert options[options.index("--entrypoint-num-cpus") + 1] == "1"
+    assert {"--no-wait", "--entrypoint-memory=2000", "-v"} <= set(options)
+    assert argv[argv.index("--") + 1:] == ["metadistil", "sweep", "configs/sweep/demo.yaml", "--dry-run"]
+
+
+@pytest.mark.parametrize(("args", "rc", "message"), [
+    (["--help"], 0, "cluster/submit.sh [RAY JOB SUBMIT OPTIONS] SPEC"),
+    (["-h"], 0, "cluster/submit.sh [RAY JOB SUBMIT OPTIONS] SPEC"),
+    (["--entrypoint-num-cpus"], 2, "--entrypoint-num-cpus needs a value"),
+    (["--entrypoint-num-cpus", "--no-wait", "configs/sweep/demo.yaml"], 2, "--entrypoint-num-cpus needs a value"),
+    (["--address", "http://x:8265", "configs/sweep/demo.yaml"], 2, "--address is set by this script"),
+    (["--no-wait"], 2, "cluster/submit.sh [RAY JOB SUBMIT OPTIONS] SPEC"),
+])
+def test_submit_help_and_bad_options(fake_ray, args, rc, message):
+    out = run_submit(fake_ray, args, RAY_ADDRESS="http://h:8265", MLFLOW_TRACKING_URI="http://m")
+    assert out.returncode == rc, out.stdout + out.stderr
+    assert message in (out.stdout if rc == 0 else out.stderr)
+    assert not out.stdout.startswith('["job"'), "ray job submit was called"
