@@ -25,10 +25,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from launcher.spec import Plan, Trial, expand, load_spec, trial_id  # noqa: E402
-from trainer.data import TextSet, load_raw, load_splits  # noqa: E402
-from trainer.evaluation import score_saved  # noqa: E402
-from trainer.models import pick_device  # noqa: E402
+from launcher.identity import of_plan, run_names, trial_id
+from launcher.spec import Plan, Trial, expand, load_spec
+from trainer.data import TextSet, load_raw, load_splits
+from trainer.evaluation import score_saved
+from trainer.models import pick_device
 
 
 def heldout_set(plan: Plan, size: int, seed: int = 0) -> TextSet:
@@ -52,7 +53,9 @@ def cell_of(trial: Trial) -> str:
 
 
 def score_trials(plan: Plan, data: TextSet, batch_size: int, device: str) -> list[dict]:
+    """One row per finished trial: its id, its MLflow run name, its cell, seed and both accuracies."""
     rows, torch_device = [], pick_device(device)
+    names = run_names(of_plan(plan).values())
     for trial in [*plan.teacher_trials.values(), *plan.trials]:
         out = Path(trial.config.output.dir)
         if not (out / "metrics.json").is_file():
@@ -60,7 +63,8 @@ def score_trials(plan: Plan, data: TextSet, batch_size: int, device: str) -> lis
             continue
         own = _own_test_accuracy(out)
         acc = score_saved(out / "student", data, trial.config.data.max_length, batch_size, torch_device)
-        rows.append({"trial": trial.id, "cell": cell_of(trial), "seed": trial.axes.get("seed", ""),
+        rows.append({"trial": trial.id, "run_name": names[trial.id], "cell": cell_of(trial),
+                     "seed": trial.axes.get("seed", ""),
                      "heldout_accuracy": acc, "own_test_accuracy": own})
         print(f"  {trial.id}: held-out {acc:.4f} (own test {own:.4f})", file=sys.stderr)
     return rows

@@ -13,7 +13,9 @@ intermediate 3072, vocab 30522; student the same with 6 layers, DistilBERT's siz
   * metadistil_k{1,4}_{forward_ad,finite_difference}: ``MetaDistil`` at meta_interval 1 and 4 (finite_difference is
     fp32 only: the trial config refuses it in bf16);
   * metadistil_k1_double_backward: the naive second-order reference;
-  * the same MetaDistil variants at the small quiz batch (suffix ``_q4``).
+  * the same MetaDistil variants at the small quiz batch (suffix ``_q4``);
+  * metadistil_k{1,4}_{forward_ad,finite_difference}_lagged: ``metadistil.update: lagged`` (the real step reuses the
+    pilot's gradient), at the main quiz batch.
 Every variant is its own trial from ``trainer.build.build_trial``: a TrialConfig names the random-weight models (saved
 once, by a child process, to a temporary folder with a tokenizer over a generated vocabulary), so models, engines,
 attention implementation and algorithm are what a trial of that config runs. ``--precision fp32`` (the published

@@ -7,6 +7,7 @@ from collections import defaultdict
 
 # The project's targets, all at quiz batch 16 (BENCHMARKS.md): k=1 time, k=4 time, peak memory, each against KD.
 TARGET_K1, TARGET_K4, TARGET_MEMORY = 3.0, 1.5, 1.8
+TARGET_LAGGED_K1, TARGET_LAGGED_K4 = 2.6, 1.4  # metadistil.update: lagged
 # The MetaDistil step's timer phases and the sub-phases it times inside them ("teacher_update/student_jvp"). Sub-phases
 # the timer does not have print as 0; phases it has beyond these print too.
 PHASES = {
@@ -49,7 +50,8 @@ def verdict(value: float, target: float) -> str:
 def time_target(v) -> float | None:
     if v.algorithm != "metadistil" or v.small_quiz or v.method == "double_backward":
         return None
-    return TARGET_K1 if v.k == 1 else TARGET_K4 if v.k == 4 else None
+    k1, k4 = (TARGET_LAGGED_K1, TARGET_LAGGED_K4) if v.update == "lagged" else (TARGET_K1, TARGET_K4)
+    return k1 if v.k == 1 else k4 if v.k == 4 else None
 
 
 def memory_label(args) -> str:
@@ -104,8 +106,8 @@ def report(args, shape, state: dict, memory: dict, header: dict) -> dict:
                 say(f"ratio memory_{row['variant']} {row['memory_ratio']:.3f}"
                     + (f"  {verdict(row['memory_ratio'], TARGET_MEMORY)}" if target else ""))
 
-    say(f"\n== targets (quiz batch {shape.quiz}): k=1 <= {TARGET_K1}x KD, k=4 <= {TARGET_K4}x KD, "
-        f"peak memory <= {TARGET_MEMORY}x KD")
+    say(f"\n== targets (quiz batch {shape.quiz}): k=1 <= {TARGET_K1}x KD, k=4 <= {TARGET_K4}x KD (lagged: "
+        f"{TARGET_LAGGED_K1}x, {TARGET_LAGGED_K4}x), peak memory <= {TARGET_MEMORY}x KD")
     for row in rows:
         t = time_target(state[row["variant"]]["variant"])
         if t:

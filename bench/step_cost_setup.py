@@ -45,6 +45,7 @@ class Variant:
     method: str = "forward_ad"
     quiz: int = 0  # quiz batch size (metadistil)
     small_quiz: bool = False
+    update: str = "exact"  # metadistil.update
 
 
 def variants_for(shape: Shape, precision: str) -> list[Variant]:
@@ -56,6 +57,10 @@ def variants_for(shape: Shape, precision: str) -> list[Variant]:
         for method in methods:
             for k in ((1,) if method == "double_backward" else (1, 4)):
                 out.append(Variant(f"metadistil_k{k}_{method}{suffix}", "metadistil", k, method, quiz, small))
+    for method in methods:  # the lagged update, at the main quiz batch only
+        if method != "double_backward":
+            out += [Variant(f"metadistil_k{k}_{method}_lagged", "metadistil", k, method, shape.quiz, False, "lagged")
+                    for k in (1, 4)]
     return out
 
 
@@ -101,7 +106,8 @@ def variant_config(args, shape: Shape, v: Variant, workdir: Path):
         "output": {"dir": str(workdir / "out")},
     }
     if v.algorithm == "metadistil":
-        raw["metadistil"] = {"meta_interval": v.k, "meta_gradient": v.method, "quiz_batch_size": v.quiz}
+        raw["metadistil"] = {"meta_interval": v.k, "meta_gradient": v.method, "quiz_batch_size": v.quiz,
+                             "update": v.update}
     return parse_config(raw)
 
 

@@ -6,17 +6,21 @@
 #   cluster/submit.sh --no-wait configs/sweep/demo.yaml       # return at once; follow with `ray job logs -f ID`
 #   cluster/submit.sh configs/sweep/demo.yaml --resume        # a new job that finishes an interrupted sweep
 #
-# RAY_ADDRESS          the head's dashboard, e.g. http://127.0.0.1:8265 (required)
+# RAY_ADDRESS          the head's dashboard, e.g. http://127.0.0.1:8265 (required): a port forwarded by
+#                      `ray dashboard cluster/ray-cluster.yaml` or `kubectl port-forward`, or http://<head>:8265
+#                      from inside the cluster; its job API runs anything, so keep it off public networks
 # MLFLOW_TRACKING_URI  the MLflow server as the cluster's nodes reach it (required: without it the sweep would log
 #                      to a SQLite file inside the job's temporary working dir and lose it)
 # SUBMISSION_ID        the job's id (default: the spec's file name and the UTC time)
 #
 # The job's working dir is this checkout (files ignored by .gitignore stay behind), so the cluster runs the code and
-# configs you have here; HF_HUB_OFFLINE and HF_HOME travel with MLFLOW_TRACKING_URI when they are set. Credentials
-# belong in the cluster's own environment, not here: runtime-env variables are shown in the Ray dashboard.
+# configs you have here; HF_HUB_OFFLINE, HF_HOME and the trials' library notices (TRANSFORMERS_VERBOSITY=error,
+# HF_HUB_DISABLE_PROGRESS_BARS=1 quiet them, as `metadistil sweep` does on a local Ray) travel with
+# MLFLOW_TRACKING_URI when they are set. Credentials belong in the cluster's own environment, not here: runtime-env
+# variables are shown in the Ray dashboard.
 set -euo pipefail
 
-usage() { sed -n '2,17p' "$0"; }
+usage() { sed -n '2,20p' "$0"; }
 # `ray job submit` options that take no value; every other option takes one, as `--opt=value` or `--opt value`.
 flags=" --no-wait -v --verbose "
 submit_opts=()
@@ -59,7 +63,7 @@ id=${SUBMISSION_ID:-$(basename "$spec" .yaml)-$(date -u +%Y%m%d-%H%M%S)}
 # JSON built by Python, so URIs with quotes or backslashes cannot break it.
 runtime_env=$(python3 -c '
 import json, os
-names = ("MLFLOW_TRACKING_URI", "HF_HUB_OFFLINE", "HF_HOME")
+names = ("MLFLOW_TRACKING_URI", "HF_HUB_OFFLINE", "HF_HOME", "TRANSFORMERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS")
 print(json.dumps({"env_vars": {n: os.environ[n] for n in names if os.environ.get(n)}}))')
 
 exec ray job submit --address "$RAY_ADDRESS" --submission-id "$id" --working-dir "$root" \

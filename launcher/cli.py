@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import partial
+from importlib.metadata import version
 from pathlib import Path
 
 from trainer.config import ConfigError, explain, load_config
-from trainer.logging import redact_text, redact_uri
+from trainer.logging import NAMED_LINE, redact_text, redact_uri
+
+# Notices every trial repeats: transformers' load report (a fresh classification head is "MISSING") and its bars for
+# loading and saving weights. Environment variables, so that the trainer reads them in this process and in the
+# workers of a local Ray, which inherit it; -v leaves the libraries' defaults, and a value already set wins.
+QUIET_ENV = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -29,11 +39,14 @@ def _train(args: argparse.Namespace) -> int:
 
 def _validate(args: argparse.Namespace) -> int:
     from launcher.tracking import refuse_config_credentials
+    from trainer.preflight import check_trial
 
     cfg = load_config(args.config, args.overrides)
     refuse_config_credentials([cfg])
+    splits = check_trial(cfg)  # the data files, local model folders, output folder and device, not only the keys
     teachers = ", ".join(t.name for t in cfg.teachers) or "none"
-    print(f"{args.config}: valid ({cfg.algorithm}; student {cfg.student.name}; teachers {teachers})")
+    sizes = f"; data {', '.join(f'{k} {v}' for k, v in splits.sizes().items())}" if splits else ""
+    print(f"{args.config}: valid ({cfg.algorithm}; student {cfg.student.name}; teachers {teachers}{sizes})")
     return 0
 
 
@@ -46,7 +59,7 @@ def _sweep(args: argparse.Namespace) -> int:
     from launcher.spec import expand, load_spec
     from launcher.tracking import refuse_config_credentials
 
-    spec, base = load_spec(args.spec)
+    spec, base = load_spec(args.spec, args.overrides)
     plan = expand(spec, base)
     refuse_config_credentials([t.config for t in [*plan.teacher_trials.values(), *plan.trials]])
     if args.dry_run:
@@ -54,9 +67,10 @@ def _sweep(args: argparse.Namespace) -> int:
         return 0
     from launcher.driver import run_sweep
 
-    result = run_sweep(plan, resume=args.resume)
+    result = run_sweep(plan, resume=args.resume, verbose=1 + args.verbose)
     print(f"sweep {spec.name}: {len(result.finished)} trials ran, {len(result.skipped)} already finished, "
           f"{len(result.failed)} failed; MLflow parent run {result.parent_run_id} at {redact_uri(result.tracking_uri)}")
+    print(f"  its runs in the MLflow UI: {result.runs_view}")
     if result.replaced:
         print(f"  ran again because their config changed since their earlier run (now deleted in MLflow, "
               f"restorable): {', '.join(result.replaced)}")
@@ -65,8 +79,8 @@ def _sweep(args: argparse.Namespace) -> int:
     print("sweep wall time: " + ", ".join(f"{k.removeprefix('sweep_').removesuffix('_s').replace('_', ' ')} "
                                           f"{v:.1f} s" for k, v in result.phases.items()))
     if result.best:
-        print(f"best student: {result.best[0]} (by validation accuracy), registered as MLflow model "
-              f"metadistil-{spec.name} version {result.best[1]}")
+        print(f"best student: {result.best[0]} (by validation accuracy), registered as "
+              f"models:/metadistil-{spec.name}@best (version {result.best[1]})")
     if not args.no_report:
         from launcher.report import build_report
 
@@ -116,49 +130,67 @@ def _report(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     import json
 
-    from trainer.data import read_labelled_file
+    from launcher.tracking import local_model_folder
     from trainer.evaluation import score_saved
     from trainer.models import pick_device
+    from trainer.preflight import check_evaluation
 
-    if not (Path(args.model) / "config.json").is_file():
-        raise ConfigError(f"--model: {args.model!r} is not a saved Hugging Face model folder (no config.json)")
-    data = read_labelled_file(args.data, args.text_column, args.label_column)
-    score = score_saved(args.model, data, args.max_length, args.batch_size, pick_device(args.device))
+    folder = local_model_folder(args.model)  # a models:/ or runs:/ URI is downloaded; the JSON keeps the URI
+    # every input (the --json target too) is checked before the model loads: a bad one fails in a second
+    data = check_evaluation(folder, args.data, args.text_column, args.label_column, args.max_length,
+                            args.batch_size, args.json)
+    score = score_saved(folder, data, args.max_length, args.batch_size, pick_device(args.device))
     print(f"accuracy {score:.4f} on {len(data)} examples of {args.data}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"accuracy": score, "examples": len(data), "model": args.model,
-                                               "data": args.data}, indent=2))
+        try:
+            Path(args.json).write_text(json.dumps({"accuracy": score, "examples": len(data), "model": args.model,
+                                                   "data": args.data}, indent=2))
+        except OSError as err:  # checked writable above, but a disk can still fill up
+            raise ConfigError(f"--json: cannot write {args.json!r} ({err.strerror})") from None
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="metadistil", description="Knowledge-distillation experiments: "
                                      "MetaDistil, KD and fine-tuning trials and sweeps.")
+    parser.add_argument("--version", action="version", version=f"metadistil {version('metadistil')}")
+    verbose_help = ("also show the libraries' notices (transformers' load reports and weight bars, in trials too) "
+                    "and, for a sweep, each trial's reports in Tune's output")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help=verbose_help)
+    # -v after the command too (`sweep SPEC -v`, as cluster/submit.sh passes it); unset there, the global one holds
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help=verbose_help)
     sub = parser.add_subparsers(dest="command", required=True)
+    add_parser = partial(sub.add_parser, parents=[common])
     for name, func, text in (("train", _train, "run one trial"), ("validate", _validate, "check a trial config")):
-        p = sub.add_parser(name, help=text, description=text)
+        p = add_parser(name, help=text, description=text)
         p.add_argument("config", help="trial config YAML")
         p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. noise.student.p=0.1")
         p.set_defaults(func=func)
     sub.choices["train"].add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    sub.add_parser("explain", help="list every config key with its default and help").set_defaults(func=_explain)
-    sweep = sub.add_parser("sweep", help="run a grid of trials on Ray Tune, tracked in MLflow")
+    add_parser("explain", help="list every config key with its default and help").set_defaults(func=_explain)
+    sweep = add_parser("sweep", help="run a grid of trials on Ray Tune, tracked in MLflow")
     sweep.add_argument("spec", help="sweep spec YAML")
+    sweep.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                       help="dotted overrides of the spec, e.g. base.optim.max_steps=4 grid.seed=[1] (values are YAML)")
     sweep.add_argument("--dry-run", action="store_true", help="expand and validate the grid, start nothing")
     sweep.add_argument("--resume", action="store_true",
                        help="continue the sweep's latest run: run only the trials that did not finish with their "
                             "current config")
     sweep.add_argument("--no-report", action="store_true", help="skip the Table 1 report at the end")
     sweep.set_defaults(func=_sweep)
-    report = sub.add_parser("report", help="rebuild the report's Table 1 for a sweep from MLflow")
+    report = add_parser("report", help="rebuild the report's Table 1 for a sweep from MLflow")
     report.add_argument("--sweep", required=True, help="sweep name (the spec's name)")
     report.add_argument("--out", help="folder for the CSV and PNG (default runs/reports/<sweep>)")
     report.add_argument("--tracking-uri", help="MLflow URI (default MLFLOW_TRACKING_URI, else ./mlflow.db)")
     report.add_argument("--experiment", default="metadistil", help="MLflow experiment of the sweep")
     report.add_argument("--no-attach", action="store_true", help="do not attach the files to the sweep's run")
     report.set_defaults(func=_report)
-    evaluate = sub.add_parser("evaluate", help="accuracy of a saved student on any labelled file")
-    evaluate.add_argument("--model", required=True, help="saved model folder (e.g. runs/.../student)")
+    evaluate = add_parser("evaluate", help="accuracy of a saved student on any labelled file")
+    evaluate.add_argument("--model", required=True,
+                          help="saved model folder (e.g. runs/.../student), or an MLflow model URI: "
+                               "models:/<name>@<alias>, models:/<name>/<version> or runs:/<run id>/<path>, read from "
+                               "MLFLOW_TRACKING_URI, else ./mlflow.db")
     evaluate.add_argument("--data", required=True, help="labelled tsv/csv/jsonl/json/parquet file")
     evaluate.add_argument("--text-column", default="sentence")
     evaluate.add_argument("--label-column", default="label")
@@ -170,16 +202,59 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    # argparse leaves overrides that follow an option (`sweep SPEC --resume grid.seed=[1]`) over
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if a.startswith("-") or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides += extra
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
+    ray_running = _ray_initialized()  # e.g. a test's own Ray: not this command's to stop
     try:
-        return args.func(args)
+        with _console(args.verbose):
+            return args.func(args)
     except ConfigError as err:
         print(f"error: {redact_text(str(err))}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
     except Exception:  # noqa: BLE001 - shown as Python would show it, but never with a password from a URI
         print(redact_text(traceback.format_exc()), end="", file=sys.stderr)
         return 1
+    finally:
+        # The local Ray this command started (raylet, GCS, agents, trials) ends with it, however it ends: SIGTERM
+        # too, which ray.init turns into SystemExit. Joined to a cluster (RAY_ADDRESS, `ray job submit`), shutdown
+        # only disconnects this driver.
+        if not ray_running and _ray_initialized():
+            sys.modules["ray"].shutdown()
+
+
+def _ray_initialized() -> bool:
+    ray = sys.modules.get("ray")  # only a sweep imports it
+    return ray is not None and ray.is_initialized()
+
+
+@contextmanager
+def _console(verbose: int) -> Iterator[None]:
+    """What the libraries print during the command; the environment is as before afterwards (tests call main)."""
+    wanted = {} if verbose else dict(QUIET_ENV)
+    # read when Ray is first imported: a trial's own lines ("[trial id] ...") are never merged with another trial's
+    wanted["RAY_DEDUP_LOGS_ALLOW_REGEX"] = NAMED_LINE
+    added = {key: value for key, value in wanted.items() if key not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
 
 
 if __name__ == "__main__":

@@ -16,16 +16,20 @@ from pathlib import Path
 from typing import Any
 
 from launcher import runs
+from launcher.identity import RUN_NAME, TrialIdentity, of_plan, run_names
 from launcher.spec import Plan, Trial
 from launcher.spec_checks import prepare_storage
 from launcher.tracking import local_store, resolve_tracking
-from trainer.config import NoiseConfig, TrackingConfig, flatten
+from trainer.config import TrackingConfig, flatten
 from trainer.tokenized import prepare_token_caches
-
 
 # A multi-worker trial's own (Tune) process needs a non-zero CPU request; it is taken from its workers' share, so the
 # trial fits in exactly workers x resources.cpus (else 2 workers x 1 CPU never fit on a 2-CPU node beside it).
 DRIVER_CPU = 0.01
+# The sweep's status table: a trial's axes, then what it reported (an evaluation, then its final metrics)
+CONSOLE_COLUMNS = ("algorithm", "teachers", "student", "warmup", "noise", "seed")
+CONSOLE_METRICS = {"step": "step", "val_accuracy": "val acc", "best_val_accuracy": "best val acc",
+                   "test_accuracy": "test acc", "time_total_s": "time (s)"}
 
 
 @dataclass
@@ -38,23 +42,14 @@ class SweepResult:
     replaced: list[str] = field(default_factory=list)  # resumed trials whose earlier run had another config
     best: tuple[str, str] | None = None  # (trial id, registered model version) of the best student
     phases: dict[str, float] = field(default_factory=dict)  # wall seconds: startup, data preparation, training
+    runs_view: str = ""  # where the MLflow UI shows the sweep's runs (runs.runs_view)
 
 
 def trial_tags(plan: Plan, trial: Trial) -> dict[str, str]:
-    spec = plan.spec
-    if trial.axes.get("stage") == "teacher":
-        name = trial.axes["teacher"]
-        return {runs.ROLE: "teacher", runs.TRIAL_ID: trial.id, "teacher": spec.teachers[name].label or name}
-    axes = trial.axes
-    noise = axes["noise"]
-    tags = {runs.ROLE: "trial", runs.TRIAL_ID: trial.id, "algorithm": axes["algorithm"],
-            "teacher_set": axes.get("teacher_set") or "none",
-            "teachers": ",".join(spec.teachers[t].label or t for t in trial.teachers),
-            "student": spec.students[axes["student"]].label or axes["student"],
-            "warmup": f"{axes['warmup']:g}", "noise": "off" if spec.noise.get(noise, NoiseConfig()) == NoiseConfig() else noise,
-            "seed": str(axes["seed"])}
-    tags.update({k: str(v) for k, v in axes.items() if k not in tags and k not in ("teacher_set",)})
-    return tags
+    """The tags of a trial's MLflow run: its identity, its run name (short and unique in the sweep, so names of the
+    whole plan are made together) and MLflow's source tags."""
+    names = run_names(of_plan(plan).values())
+    return {**TrialIdentity.of_trial(plan, trial).to_tags(), RUN_NAME: names[trial.id], **runs.source_tags()}
 
 
 def run_sweep(plan: Plan, resume: bool = False, verbose: int = 1) -> SweepResult:
@@ -99,7 +94,7 @@ def run_sweep(plan: Plan, resume: bool = False, verbose: int = 1) -> SweepResult
     best = runs.register_best_student(uri, experiment, parent, plan.spec.name)
     runs.end_parent(uri, parent, len(failed), phases)
     ran = [t.id for t in [*teachers, *pending] if t.id not in failed]
-    return SweepResult(parent, uri, ran, failed, sorted(done), replaced, best, phases)
+    return SweepResult(parent, uri, ran, failed, sorted(done), replaced, best, phases, runs.runs_view(uri, parent))
 
 
 def teacher_cached(teacher: Trial) -> bool:
@@ -115,7 +110,7 @@ def _log_cached_teacher(plan: Plan, teacher: Trial, common: dict[str, Any]) -> N
     if runs.child_run(common["uri"], common["experiment"], common["parent"], teacher.id):
         return
     metrics = json.loads((Path(teacher.config.output.dir) / "metrics.json").read_text())
-    logger = MLflowLogger(common["uri"], common["experiment"], run_name=teacher.id, parent_run_id=common["parent"],
+    logger = MLflowLogger(common["uri"], common["experiment"], parent_run_id=common["parent"],
                           tags={**trial_tags(plan, teacher), "metadistil.cached": "true"})
     logger.log_params(flatten(teacher.config))
     logger.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=0)
@@ -150,16 +145,34 @@ def _run_stage(plan: Plan, stage: str, trials: list[Trial], common: dict[str, An
             return {"cpu": DRIVER_CPU}  # the trial only drives its Ray Train workers, which request the rest
         return {"cpu": spec.resources.cpus, "gpu": spec.resources.gpus}
 
+    # The trial's axes come along with its id (resolved from it, so the grid stays one value per trial) for the
+    # status table's columns. Tune's newer console infers its columns and ignores a reporter; its classic one
+    # (RAY_AIR_NEW_OUTPUT=0) shows the columns asked for.
+    columns = {tid: _console_columns(p["tags"]) for tid, p in by_id.items()}
+    axes = {c: tune.sample_from(lambda config, c=c: columns[config["trial_id"]][c]) for c in CONSOLE_COLUMNS}
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # Ctrl+C stops the sweep (KeyboardInterrupt; the CLI then stops its Ray), not only this stage, after which the
+    # driver would carry on with the next stage and count the interrupted trials as run
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
+    reporter = tune.CLIReporter(parameter_columns=list(CONSOLE_COLUMNS), metric_columns=CONSOLE_METRICS,
+                                max_report_frequency=30, print_intermediate_tables=True)
     tuner = tune.Tuner(
         tune.with_resources(tune.with_parameters(tune_trial, params_by_id=by_id), resources),
-        param_space={"trial_id": tune.grid_search(list(by_id))},
+        param_space={"trial_id": tune.grid_search(list(by_id)), **axes},
         tune_config=tune.TuneConfig(max_concurrent_trials=spec.max_concurrent_trials,
                                     trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
         run_config=tune.RunConfig(name=f"{spec.name}-{stage}", storage_path=storage, verbose=verbose,
+                                  progress_reporter=reporter,
                                   failure_config=tune.FailureConfig(max_failures=spec.max_failures)),
     )
     results = tuner.fit()
     return {r.config["trial_id"]: _root_cause(r.error) for r in results if r.error}
+
+
+def _console_columns(tags: dict[str, str]) -> dict[str, str]:
+    """A trial's axes in the status table: its MLflow tags (a teacher's fine-tuning trains that teacher)."""
+    shown = {**tags, "student": tags.get("student") or tags.get("teacher")}
+    return {column: shown.get(column) or "-" for column in CONSOLE_COLUMNS}
 
 
 def _root_cause(error: BaseException) -> str:
@@ -215,10 +228,11 @@ def _run_worker(p: dict[str, Any], report, main: bool = True) -> None:
     loggers = []
     if main:
         existing = runs.child_run(p["uri"], p["experiment"], p["parent"], p["id"])
-        loggers.append(MLflowLogger(p["uri"], p["experiment"], run_name=p["id"], parent_run_id=p["parent"],
-                                    tags=p["tags"], run_id=existing))
+        # the run name comes with the tags (mlflow.runName), and renames a run that an older version named
+        loggers.append(MLflowLogger(p["uri"], p["experiment"], parent_run_id=p["parent"], tags=p["tags"],
+                                    run_id=existing))
     # The checkpoint lives with the trial's outputs (shared storage on a cluster): a retry on another node, or a
     # resumed sweep, continues from the last evaluation.
-    result = run_trial(cfg, loggers, progress=False, checkpoint_dir=Path(cfg.output.dir) / "checkpoint",
+    result = run_trial(cfg, loggers, progress=False, checkpoint_dir=Path(cfg.output.dir) / "checkpoint", name=p["id"],
                        on_eval=lambda step, metrics: report({**metrics, "step": step}))
     report({**result.metrics, "step": result.metrics["warmup_steps"] + result.metrics["train_steps"]})

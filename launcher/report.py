@@ -2,8 +2,8 @@
 
 ``build_report`` finds the sweep's parent run (the most recent run tagged ``metadistil.sweep`` = NAME and
 ``metadistil.role`` = ``sweep``), reads its child runs (``metadistil.role`` = ``teacher`` or ``trial``), groups them
-into cells (block, algorithm, teacher set, student, warm-up, noise, plus any extra grid keys of the trial id) and
-averages the cells over seeds. It writes ``report.md``, ``report.csv`` and ``report.png`` to ``out_dir`` and, with
+into cells (block, algorithm, teacher set, student, warm-up, noise, plus any grid.extra keys: the identity that
+``launcher.identity`` reads from the runs' tags) and averages the cells over seeds. It writes ``report.md``, ``report.csv`` and ``report.png`` to ``out_dir`` and, with
 ``attach``, logs them to the parent run under ``report/``.
 
 Blocks, in the report's order (empty ones are skipped):
@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import csv
 import math
-import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,12 +38,10 @@ from typing import Any
 
 import numpy as np
 
-from launcher.runs import CONFIG_HASH, ROLE, SWEEP, TRIAL_ID
+from launcher.identity import CONFIG_HASH, OFF, ROLE, SWEEP, TrialIdentity
 from launcher.tracking import client as mlflow_client
 from trainer.logging import redact_uri
 
-OFF = "off"
-ROLE_TAG, SWEEP_TAG, TRIAL_TAG, HASH_TAG = ROLE, SWEEP, TRIAL_ID, CONFIG_HASH
 PARENT_TAG = "mlflow.parentRunId"
 DISTILL = ("kd", "metadistil")
 
@@ -53,7 +50,6 @@ BLOCKS = ("Teachers", "Fine-Tuned Models", "Student Model with KD", "Student Mod
 ALGORITHM_NAMES = {"finetune": "Fine-tune", "kd": "KD", "metadistil": "MetaDistil"}
 CSV_COLUMNS = ("block", "method", "algorithm", "teachers", "student", "warmup", "noise", "n_seeds", "accuracy_mean",
                "accuracy_std", "params", "times_smaller", "failed_seeds")
-_EXTRA_PART = re.compile(r"^[^=]+=.*$")
 
 
 class ReportError(ValueError):
@@ -65,7 +61,7 @@ class Report:
     sweep: str
     parent_run_id: str
     markdown: str
-    rows: list[dict[str, Any]]  # one per cell, the CSV's columns (accuracy in percent; None where blank)
+    rows: list[dict[str, Any]]  # one per cell: the CSV's columns (accuracy in percent; None where blank), "label"
     failed: list[dict[str, str]]  # trial_id, status, error, block, method
     csv_path: Path
     png_path: Path
@@ -76,8 +72,7 @@ class Report:
 @dataclass
 class _Attempt:
     run_id: str
-    trial_id: str
-    role: str
+    identity: TrialIdentity
     status: str
     start_time: int
     tags: dict[str, str]
@@ -86,6 +81,10 @@ class _Attempt:
     @property
     def ok(self) -> bool:
         return self.status == "FINISHED" and _finite(self.metrics.get("test_accuracy"))
+
+    @property
+    def trial_id(self) -> str:
+        return self.identity.trial_id or self.run_id
 
 
 @dataclass
@@ -100,7 +99,8 @@ class _Cell:
     extras: tuple[str, ...]
     ok: list[_Attempt] = field(default_factory=list)
     failed: list[_Attempt] = field(default_factory=list)
-    method: str = ""
+    method: str = ""  # the table's name of the row, under its block's header
+    label: str = ""  # the chart's, which has no block headers: names the algorithm too
 
 
 def build_report(tracking_uri: str, sweep: str, out_dir: Path, experiment: str = "metadistil",
@@ -143,10 +143,10 @@ def _parent_run(client, uri: str, sweep: str, experiment: str):
     if found is None:
         raise ReportError(f"no sweep {sweep!r} found: experiment {experiment!r} does not exist {where}")
     runs = client.search_runs([found.experiment_id],
-                              filter_string=f"tags.`{SWEEP_TAG}` = '{sweep}' and tags.`{ROLE_TAG}` = 'sweep'",
+                              filter_string=f"tags.`{SWEEP}` = '{sweep}' and tags.`{ROLE}` = 'sweep'",
                               order_by=["attributes.start_time DESC"], max_results=1)
     if not runs:
-        raise ReportError(f"no sweep {sweep!r} found: no run tagged {SWEEP_TAG}={sweep} and {ROLE_TAG}=sweep in "
+        raise ReportError(f"no sweep {sweep!r} found: no run tagged {SWEEP}={sweep} and {ROLE}=sweep in "
                           f"experiment {experiment!r} {where}")
     return runs[0]
 
@@ -167,11 +167,10 @@ def _latest_attempts(runs: list) -> list[_Attempt]:
     by_trial: dict[str, list[_Attempt]] = defaultdict(list)
     for run in runs:
         tags = dict(run.data.tags)
-        role = tags.get(ROLE_TAG)
-        if role not in ("teacher", "trial"):
+        if tags.get(ROLE) not in ("teacher", "trial"):
             continue
-        attempt = _Attempt(run.info.run_id, tags.get(TRIAL_TAG) or run.info.run_id, role, run.info.status,
-                           run.info.start_time or 0, tags, dict(run.data.metrics))
+        attempt = _Attempt(run.info.run_id, TrialIdentity.from_tags(tags), run.info.status, run.info.start_time or 0,
+                           tags, dict(run.data.metrics))
         by_trial[attempt.trial_id].append(attempt)
     chosen = []
     for attempts in by_trial.values():
@@ -194,25 +193,19 @@ def _cells(attempts: list[_Attempt]) -> list[_Cell]:
                                                     c.student.lower(), c.warmup, c.noise != OFF, c.noise,
                                                     c.algorithm, c.teacher_set, c.extras))
     for c in ordered:
-        c.method = _method(c)
+        c.method, c.label = _method(c), _label(c)
     _disambiguate(ordered)
     return ordered
 
 
 def _cell_of(a: _Attempt) -> _Cell:
-    t = a.tags
-    if a.role == "teacher":
-        label = t.get("teacher") or a.trial_id.removeprefix("teacher__")
-        return _Cell(0, "finetune", "", [], label, 0.0, OFF, ())
-    algorithm = t.get("algorithm", "")
-    teacher_set = t.get("teacher_set", "none")
-    teachers = [x.strip() for x in t.get("teachers", "").split(",") if x.strip()]
-    if not teachers and algorithm in DISTILL and teacher_set != "none":
-        teachers = [teacher_set]
-    student = t.get("student", "?")
-    warmup = _float(t.get("warmup"), 0.0)
-    noise = t.get("noise") or OFF
-    extras = tuple(p for p in a.trial_id.split("__") if _EXTRA_PART.match(p))
+    i = a.identity
+    if i.role == "teacher":
+        return _Cell(0, "finetune", "", [], i.student, 0.0, OFF, ())
+    algorithm, teacher_set, student, warmup, noise = i.algorithm, i.teacher_set or "none", i.student, i.warmup, i.noise
+    # a run without a teachers tag: its set's name stands for its teachers
+    teachers = list(i.teachers) or ([teacher_set] if algorithm in DISTILL and i.teacher_set else [])
+    extras = tuple(f"{key}={value}" for key, value in i.extra)
     if algorithm not in DISTILL:  # finetune (or an unknown algorithm): no teachers, warm-up or noise
         return _Cell(1, algorithm, teacher_set, [], student, warmup, noise, extras)
     if warmup > 0:
@@ -227,18 +220,32 @@ def _cell_of(a: _Attempt) -> _Cell:
 
 
 def _method(c: _Cell) -> str:
+    """The table's name, as in the paper's Table 1: "BERT + RoBERTa DistilBERT", under a block header."""
     if c.block == 0:
         return c.student
-    name = " ".join([" + ".join(c.teachers), c.student]).strip()
-    if c.noise != OFF:
-        name += f" (with noise: {c.noise})"
-    if c.warmup > 0:
-        name += f" (warm-up {_epochs(c.warmup)})"
-    if c.extras:
-        name += f" ({', '.join(c.extras)})"
+    name = " ".join([" + ".join(c.teachers), c.student]).strip() + _variant(c)
     if c.block >= 5:  # these blocks mix KD and MetaDistil
-        name += f" [{ALGORITHM_NAMES.get(c.algorithm, c.algorithm)}]"
+        name += f" [{_algorithm_name(c)}]"
     return name
+
+
+def _label(c: _Cell) -> str:
+    """The chart's name, "KD: BERT + RoBERTa → DistilBERT": without block headers, KD's and MetaDistil's rows of
+    the same teachers and student would read alike."""
+    if c.block == 0:
+        return f"Teacher: {c.student}"
+    models = f"{' + '.join(c.teachers)} → {c.student}" if c.teachers else c.student
+    return f"{_algorithm_name(c)}: {models}{_variant(c)}"
+
+
+def _variant(c: _Cell) -> str:
+    return ((f" (with noise: {c.noise})" if c.noise != OFF else "")
+            + (f" (warm-up {_epochs(c.warmup)})" if c.warmup > 0 else "")
+            + (f" ({', '.join(c.extras)})" if c.extras else ""))
+
+
+def _algorithm_name(c: _Cell) -> str:
+    return ALGORITHM_NAMES.get(c.algorithm, c.algorithm)
 
 
 def _disambiguate(cells: list[_Cell]) -> None:
@@ -250,6 +257,7 @@ def _disambiguate(cells: list[_Cell]) -> None:
         if len(same) > 1:
             for c in same:
                 c.method += f" [{c.teacher_set or c.algorithm}]"
+                c.label += f" [{c.teacher_set or c.algorithm}]"
 
 
 def _epochs(value: float) -> str:
@@ -280,9 +288,10 @@ def _row(c: _Cell, reference: float | None) -> dict[str, Any]:
         "n_seeds": len(acc),
         "accuracy_mean": float(np.mean(acc)) if acc else None,
         "accuracy_std": float(np.std(acc, ddof=1)) if len(acc) > 1 else None,
-        "params": int(round(params)) if params is not None else None,
+        "params": round(params) if params is not None else None,
         "times_smaller": times,
         "failed_seeds": len(c.failed),
+        "label": c.label,
     }
 
 
@@ -291,11 +300,11 @@ def _reference_teacher_params(attempts: list[_Attempt]) -> float | None:
     params: dict[str, float] = {}
     single: set[str] = set()
     for a in attempts:
-        t = a.tags
-        if a.role == "teacher" and _finite(a.metrics.get("student_params")):
-            params[t.get("teacher") or a.trial_id.removeprefix("teacher__")] = a.metrics["student_params"]
-        elif a.role == "trial" and t.get("algorithm") in DISTILL:
-            teachers = [x.strip() for x in t.get("teachers", "").split(",") if x.strip()]
+        i = a.identity
+        if i.role == "teacher" and _finite(a.metrics.get("student_params")):
+            params[i.student] = a.metrics["student_params"]
+        elif i.role == "trial" and i.algorithm in DISTILL:
+            teachers = i.teachers
             if len(teachers) == 1:
                 single.add(teachers[0])
                 if _finite(a.metrics.get("teacher_params_mean")):
@@ -311,13 +320,6 @@ def _common(values: list[float | None]) -> float | None:
 
 def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
-
-
-def _float(text: str | None, default: float) -> float:
-    try:
-        return float(text) if text not in (None, "") else default
-    except ValueError:
-        return default
 
 
 def _error(a: _Attempt) -> str:
@@ -351,8 +353,8 @@ def _markdown(sweep: str, parent, rows: list[dict[str, Any]], failed: list[dict[
     tags = parent.data.tags
     lines = [f"# Sweep {sweep}: experimental results", ""]
     meta = [f"parent run `{parent.info.run_id}`"]
-    if tags.get(HASH_TAG):
-        meta.append(f"config hash `{tags[HASH_TAG]}`")
+    if tags.get(CONFIG_HASH):
+        meta.append(f"config hash `{tags[CONFIG_HASH]}`")
     meta.append(f"{n_trials} teacher and trial runs, {len(failed)} failed")
     lines += ["; ".join(meta) + ".", ""]
     if not rows:
@@ -394,8 +396,15 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def _write_png(path: Path, sweep: str, rows: list[dict[str, Any]]) -> None:
+    chart(sweep, rows).savefig(path, dpi=100)
+
+
+def chart(sweep: str, rows: list[dict[str, Any]]):
+    """The report's bar chart (a matplotlib Figure): one bar per finished cell, labelled with its algorithm, coloured
+    by block; error bars (std over seeds) only where a cell has several seeds."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
 
     shown = [r for r in rows if r["accuracy_mean"] is not None]
     fig = Figure(figsize=(10, 1.5 + 0.38 * max(len(shown), 1)), layout="constrained")
@@ -405,23 +414,26 @@ def _write_png(path: Path, sweep: str, rows: list[dict[str, Any]]) -> None:
     if not shown:
         ax.text(0.5, 0.5, "no finished runs", ha="center", va="center", transform=ax.transAxes)
         ax.set_axis_off()
-        fig.savefig(path, dpi=100)
-        return
+        return fig
     means = np.array([r["accuracy_mean"] for r in shown])
     stds = np.array([r["accuracy_std"] or 0.0 for r in shown])
+    spread = any(r["accuracy_std"] is not None for r in shown)
     blocks = list(dict.fromkeys(r["block"] for r in shown))
     colours = {b: f"C{i}" for i, b in enumerate(blocks)}
     y = np.arange(len(shown))
-    ax.barh(y, means, xerr=stds, color=[colours[r["block"]] for r in shown], capsize=3, height=0.7)
-    ax.set_yticks(y, [r["method"] for r in shown], fontsize=8)
+    # a cell of one seed gets no error bar (NaN draws none), not a bar of zero width
+    errors = [np.nan if r["accuracy_std"] is None else r["accuracy_std"] for r in shown]
+    ax.barh(y, means, xerr=errors if spread else None, color=[colours[r["block"]] for r in shown], capsize=3,
+            height=0.7)
+    ax.set_yticks(y, [r["label"] for r in shown], fontsize=8)
     ax.invert_yaxis()
     low = max(0.0, math.floor(float(np.min(means - stds)) / 5) * 5 - 5)
     high = min(100.0, float(np.max(means + stds)) + 3)
     ax.set_xlim(low, max(high, low + 1))
     for yi, m, s in zip(y, means, stds):
         ax.text(m + s + 0.1, yi, f"{m:.2f}", va="center", fontsize=7)
-    ax.set_xlabel("test accuracy (%)" + (f", axis from {low:g}" if low > 0 else "") + "; error bars: std over seeds")
-    from matplotlib.patches import Patch
+    ax.set_xlabel("test accuracy (%)" + (f", axis from {low:g}" if low > 0 else "")
+                  + ("; error bars: std over seeds" if spread else ""))
     fig.legend(handles=[Patch(color=colours[b], label=b) for b in blocks], fontsize=7, loc="outside lower center",
                ncols=min(len(blocks), 3))
-    fig.savefig(path, dpi=100)
+    return fig

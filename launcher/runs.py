@@ -2,26 +2,50 @@
 
 from __future__ import annotations
 
+import functools
+import getpass
+import json
 import subprocess
+import sys
 import time
+import warnings
 from pathlib import Path
+from urllib.parse import quote, urlsplit, urlunsplit
 
+from launcher.identity import CONFIG_HASH, PREVIOUS_HASH, ROLE, SWEEP, TRIAL_ID
+from launcher.tracking import STUDENT_MODEL, experiment_id, param_values
 from launcher.tracking import client as mlflow_client
-from launcher.tracking import experiment_id, param_values
 from trainer.config import TrialConfig, flatten
-
-ROLE, SWEEP, TRIAL_ID, CONFIG_HASH = "metadistil.role", "metadistil.sweep", "metadistil.trial_id", \
-    "metadistil.config_hash"
-PREVIOUS_HASH = "metadistil.previous_config_hash"
+from trainer.logging import redact_text
 
 
 def git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).parent)
+                             cwd=Path(__file__).parent, check=False)
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+@functools.cache
+def source_tags() -> dict[str, str]:
+    """MLflow's own source tags, which its UI shows as a run's Source, Version and User: the command that started
+    the sweep (as ``mlflow.start_run`` would name it, but with its arguments), the project's git commit, the user.
+    Computed once, in the driver: a trial's Ray worker would name Ray's worker script instead."""
+    from mlflow.utils.credentials import read_mlflow_creds
+    from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE, MLFLOW_USER
+
+    command = " ".join([Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "<console>", *sys.argv[1:]])
+    try:
+        user = read_mlflow_creds().username or getpass.getuser()
+    except (KeyError, OSError):  # a container user without a passwd entry
+        user = "unknown"
+    tags = {MLFLOW_SOURCE_NAME: redact_text(command)[:500], MLFLOW_SOURCE_TYPE: "LOCAL", MLFLOW_USER: user}
+    commit = git_commit()
+    if commit:
+        tags[MLFLOW_GIT_COMMIT] = commit
+    return tags
 
 
 def parent_run(uri: str, experiment: str, sweep: str, config_hash: str, resume: bool) -> str:
@@ -43,11 +67,27 @@ def parent_run(uri: str, experiment: str, sweep: str, config_hash: str, resume: 
                 client.set_tag(run.info.run_id, CONFIG_HASH, config_hash)
             client.update_run(run.info.run_id, status="RUNNING")
             return run.info.run_id
-    tags = {SWEEP: sweep, ROLE: "sweep", CONFIG_HASH: config_hash}
-    commit = git_commit()
-    if commit:
-        tags["metadistil.git_commit"] = commit
+    tags = {SWEEP: sweep, ROLE: "sweep", CONFIG_HASH: config_hash, **source_tags()}
     return client.create_run(exp, run_name=sweep, tags=tags).info.run_id
+
+
+def runs_view(uri: str, parent_id: str) -> str:
+    """Where to look at the sweep's runs in the MLflow UI (``ui_link``)."""
+    parent = mlflow_client(uri).get_run(parent_id)
+    return ui_link(uri, parent.info.experiment_id, parent.data.tags[SWEEP])
+
+
+def ui_link(uri: str, experiment: str, sweep: str) -> str:
+    """The MLflow UI's runs view of an experiment, filtered to the sweep's runs and on the UI's machine-learning side
+    (else it opens on whichever side the browser used last, GenAI at first: MLflow 3's UI ignores the experiment's
+    ``mlflow.experimentKind`` tag). For a local store, the command that serves the UI first."""
+    query = "workflowType=machine_learning&searchFilter=" + quote(f"tags.`{SWEEP}` = '{sweep}'", safe="")
+    path = f"/#/experiments/{experiment}/runs?{query}"
+    if uri.startswith(("http://", "https://")):
+        parts = urlsplit(uri)
+        netloc = parts.netloc.rpartition("@")[2]  # no credentials in a link
+        return urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", "")) + path
+    return f"mlflow ui --backend-store-uri {redact_text(uri)}, then http://127.0.0.1:5000{path}"
 
 
 def child_run(uri: str, experiment: str, parent_id: str, trial: str) -> str | None:
@@ -99,28 +139,60 @@ def end_parent(uri: str, parent_id: str, failed: int, phases: dict[str, float]) 
     client.set_terminated(parent_id, "FINISHED" if failed == 0 else "FAILED")
 
 
+BEST_ALIAS = "best"  # models:/metadistil-<sweep>@best: the registered version of the best student
+
+
 def register_best_student(uri: str, experiment: str, parent_id: str, sweep: str) -> tuple[str, str] | None:
-    """Register the student of the sweep's best trial (highest validation accuracy; test accuracy stays unseen by the
-    choice) as a new version of the registered model ``metadistil-<sweep>``; return (trial id, version)."""
+    """Register the logged student model of the sweep's best trial (highest validation accuracy; test accuracy stays
+    unseen by the choice) as a version of the registered model ``metadistil-<sweep>``, and point its alias ``best``
+    at that version (``models:/metadistil-<sweep>@best``); return (trial id, version).
+
+    A resumed sweep whose best trial did not change keeps its version. None when no trial finished with a score, or,
+    with a warning, when the best trial's run has no logged student (a run logged before students were models).
+    """
     client = mlflow_client(uri)
-    trials = client.search_runs([experiment_id(client, experiment)],
-                                f"tags.`mlflow.parentRunId` = '{parent_id}' and tags.`{ROLE}` = 'trial' "
+    exp = experiment_id(client, experiment)
+    trials = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent_id}' and tags.`{ROLE}` = 'trial' "
                                 "and attributes.status = 'FINISHED'", max_results=10_000)
     scored = [r for r in trials if "best_val_accuracy" in r.data.metrics]
     if not scored:
         return None
     best = max(scored, key=lambda r: (r.data.metrics["best_val_accuracy"], r.data.tags[TRIAL_ID]))
     name = f"metadistil-{sweep}"
+    client.set_tag(parent_id, "metadistil.best_trial", best.data.tags[TRIAL_ID])
+    already = client.search_model_versions(f"name = '{name}' and run_id = '{best.info.run_id}'")
+    version = already[0].version if already else _register_student(client, exp, best, name, sweep)
+    if version is None:
+        return None
+    client.set_registered_model_alias(name, BEST_ALIAS, str(version))
+    return best.data.tags[TRIAL_ID], str(version)
+
+
+def _register_student(client, exp: str, run, name: str, sweep: str) -> str | None:
+    """A new version of ``name`` from the run's newest READY student model, linked to it both ways as
+    ``mlflow.register_model`` links them; None, with a warning, when the run has none."""
+    from mlflow.entities import LoggedModelStatus
+    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+
+    trial, run_id = run.data.tags[TRIAL_ID], run.info.run_id
+    logged = client.search_logged_models([exp], f"source_run_id = '{run_id}' AND name = '{STUDENT_MODEL}'",
+                                         order_by=[{"field_name": "creation_timestamp", "ascending": False}])
+    # Status is checked here: the SQL store compares a status filter with the number it stores, matching nothing.
+    student = next((m for m in logged if m.status == LoggedModelStatus.READY), None)
+    if student is None:
+        warnings.warn(f"best trial {trial}: its run {run_id} has no logged student model; nothing registered as "
+                      f"{name}", stacklevel=3)
+        return None
     if not client.search_registered_models(f"name = '{name}'"):
         client.create_registered_model(name, description=f"Best student of the metadistil sweep {sweep!r}, "
                                                          "chosen by validation accuracy.")
-    client.set_tag(parent_id, "metadistil.best_trial", best.data.tags[TRIAL_ID])
-    already = client.search_model_versions(f"name = '{name}' and run_id = '{best.info.run_id}'")
-    if already:  # a resumed sweep whose best trial did not change
-        return best.data.tags[TRIAL_ID], already[0].version
-    metrics = best.data.metrics
+    metrics = run.data.metrics
+    # The model's artifact location rather than models:/<model id>, which the SQL registry store looks up on the
+    # process's global tracking URI instead of this client's.
     version = client.create_model_version(
-        name, source=f"{best.info.artifact_uri}/trial/student", run_id=best.info.run_id,
-        tags={TRIAL_ID: best.data.tags[TRIAL_ID], "best_val_accuracy": f"{metrics['best_val_accuracy']:.4f}",
-              "test_accuracy": f"{metrics.get('test_accuracy', float('nan')):.4f}", SWEEP: sweep})
-    return best.data.tags[TRIAL_ID], version.version
+        name, source=student.artifact_location, run_id=run_id, model_id=student.model_id,
+        tags={TRIAL_ID: trial, "best_val_accuracy": f"{metrics['best_val_accuracy']:.4f}",
+              "test_accuracy": f"{metrics.get('test_accuracy', float('nan')):.4f}", SWEEP: sweep}).version
+    linked = json.loads(student.tags.get(MLFLOW_MODEL_VERSIONS, "[]")) + [{"name": name, "version": str(version)}]
+    client.set_logged_model_tags(student.model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(linked)})
+    return str(version)

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import itertools
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from launcher.identity import trial_id
 from launcher.spec_checks import (NAME, check_extra_axes, check_folder_part, check_names, check_no_repeats,
                                   check_outputs_inside, check_storage, refuse_storage_uri, warn_unmatched_excludes)
 from trainer.config import (ALGORITHMS, ConfigError, NoiseConfig, StudentConfig, TrialConfig, apply_overrides, digest,
@@ -189,24 +191,42 @@ class Plan:
         return digest(payload)
 
 
-def load_spec(path: str | Path) -> tuple[SweepSpec, dict[str, Any]]:
-    """Read and validate a sweep spec; return it with its resolved base trial mapping."""
+def load_spec(path: str | Path, overrides: Sequence[str] = ()) -> tuple[SweepSpec, dict[str, Any]]:
+    """Read a sweep spec, apply dotted ``KEY=VALUE`` overrides (as for trial configs: values are YAML, e.g.
+    ``base.optim.max_steps=4``, ``grid.seed=[1]``), validate; return it with its resolved base trial mapping.
+
+    Overrides change the spec before validation, so they reach the trial configs and the plan's config hash.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"sweep spec not found: {path}")
+    raw = read_yaml(path) or {}
+    if overrides:
+        raw = _overridden(raw, path, overrides)
     try:
-        spec = SweepSpec.model_validate(read_yaml(path) or {})
+        spec = SweepSpec.model_validate(raw)
     except ValidationError as err:
         lines = [_error_line(e) for e in err.errors()]
         joined = f" {lines[0]}" if len(lines) == 1 else "\n  " + "\n  ".join(lines)
         raise ConfigError(f"invalid sweep spec {path}:{joined}") from None
-    base = spec.base
-    if isinstance(base, str):
-        base_path = (path.parent / base).resolve()
-        if not base_path.is_file():
-            raise ConfigError(f"base: trial config {base_path} not found")
-        base = read_yaml(base_path) or {}
+    base = _read_base(path, spec.base) if isinstance(spec.base, str) else spec.base
     return spec, base
+
+
+def _overridden(raw: Any, path: Path, overrides: Sequence[str]) -> dict[str, Any]:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of spec keys, got {type(raw).__name__}")
+    # base.* keys address the base trial config, also when the spec names it by file
+    if isinstance(raw.get("base"), str) and any(item.strip().startswith("base.") for item in overrides):
+        raw = {**raw, "base": _read_base(path, raw["base"])}
+    return apply_overrides(raw, list(overrides))
+
+
+def _read_base(spec_path: Path, base: str) -> dict[str, Any]:
+    base_path = (spec_path.parent / base).resolve()
+    if not base_path.is_file():
+        raise ConfigError(f"base: trial config {base_path} not found")
+    return read_yaml(base_path) or {}
 
 
 def _error_line(error: dict[str, Any]) -> str:
@@ -290,15 +310,6 @@ def _off_name(spec: SweepSpec) -> str:
 
 def _matches(combo: dict[str, Any], pattern: dict[str, Any]) -> bool:
     return all(combo.get(k) == v for k, v in pattern.items())
-
-
-def trial_id(combo: dict[str, Any]) -> str:
-    parts = [combo["algorithm"], combo.get("teacher_set") or "none", combo["student"], f"w{combo['warmup']:g}",
-             combo["noise"], f"s{combo['seed']}"]
-    if combo.get("workers", 1) != 1:
-        parts.append(f"x{combo['workers']}")
-    parts += [f"{k}={combo[k]}" for k in sorted(combo) if k not in AXES]
-    return "__".join(str(p) for p in parts)
 
 
 def _trial(combo: dict[str, Any], spec: SweepSpec, base: dict[str, Any], teacher_trials: dict[str, Trial]) -> Trial:

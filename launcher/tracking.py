@@ -1,12 +1,18 @@
-"""MLflow for train, sweep and report: where it is (``resolve_tracking``), a client that keeps credentials out of
-MLflow's messages (``client``), and the trainer logger (one run per trial, through MlflowClient, no global run state).
+"""MLflow for train, sweep, report and evaluate: where it is (``resolve_tracking``), a client that keeps credentials
+out of MLflow's messages (``client``), the trainer logger (one run per trial, through MlflowClient, no global run
+state), and a logged student found again from its URI (``local_model_folder``).
 """
 
 from __future__ import annotations
 
+import atexit
 import base64
 import http.client
+import json
 import os
+import re
+import shutil
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -16,11 +22,20 @@ from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 from trainer.config import ConfigError, TrialConfig
-from trainer.logging import MASK, is_secret_name, redact_text, redact_uri
+from trainer.logging import MASK, DataSplit, is_secret_name, redact_text, redact_uri
 
 _BATCH = 100  # MLflow's limit of params or metrics per log_batch request
 _USER, _PASSWORD, _TOKEN = "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"
 REACH_TIMEOUT_S = 5.0  # per connection attempt: an unreachable server fails the command within seconds
+STUDENT_MODEL = "student"  # the name of a trial run's logged model, by which the sweep finds it to register it
+_STUDENT_CARD = """---
+library_name: transformers
+pipeline_tag: text-classification
+---
+# metadistil student
+
+A text classifier trained by a metadistil trial (fine-tuning, KD or MetaDistil); its run holds the config and metrics.
+"""
 
 
 @dataclass(frozen=True)
@@ -147,8 +162,17 @@ def client(uri: str):
 
 
 def experiment_id(mlflow_client, name: str) -> str:
+    """The experiment's id, created if needed. In a SQLite store its artifacts (logged students, reports) go next to
+    the database, in ``mlartifacts/<name>``: MLflow's default is ``./mlruns`` under whatever folder a run starts in."""
     found = mlflow_client.get_experiment_by_name(name)
-    return found.experiment_id if found else mlflow_client.create_experiment(name)
+    if found:
+        return found.experiment_id
+    store = str(mlflow_client.tracking_uri)
+    location = None
+    if store.startswith("sqlite:///"):
+        folder = Path(store.removeprefix("sqlite:///")).resolve().parent / "mlartifacts" / re.sub(r"[^\w.-]", "_", name)
+        location = folder.as_uri()
+    return mlflow_client.create_experiment(name, artifact_location=location)
 
 
 class MLflowLogger:
@@ -188,10 +212,126 @@ class MLflowLogger:
         for key, value in tags.items():
             self.client.set_tag(self.run_id, key, redact(key, value))
 
-    def log_artifacts(self, folder: Path, name: str) -> None:
-        self.client.log_artifacts(self.run_id, str(folder), artifact_path=name)
+    def log_artifacts(self, files: list[Path], name: str) -> None:
+        for file in files:
+            self.client.log_artifact(self.run_id, str(file), artifact_path=name)
+
+    def log_datasets(self, splits: list[DataSplit]) -> None:
+        """Each split as a dataset input of the run (the runs list's Dataset column): its name and digest, its size
+        as the profile's ``num_rows``, its source with any credentials masked, and its context tag."""
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+        inputs = []
+        for split in splits:
+            described = MetaDataset(_dataset_source(split), name=split.name, digest=split.digest).to_dict()
+            dataset = Dataset(**described, profile=json.dumps({"num_rows": split.size}))
+            inputs.append(DatasetInput(dataset, [InputTag(MLFLOW_DATASET_CONTEXT, split.context)]))
+        self.client.log_inputs(self.run_id, datasets=inputs)
+
+    def log_student(self, folder: Path) -> None:
+        """The student as the run's logged model ``STUDENT_MODEL``: MLflow's transformers flavour for the
+        text-classification task, so that its ``models:/`` URI loads as a pipeline or as model and tokenizer.
+
+        ``mlflow.transformers.log_model`` would log through the global tracking URI and active run, so the steps it
+        takes are taken here on this logger's client. The pipeline is built from an absolute folder, whose name is not
+        a hub repository id: MLflow then looks up no model card or license on the hub (the card is written here).
+        """
+        from importlib.metadata import version
+
+        import mlflow.transformers
+        from huggingface_hub import ModelCard
+        from mlflow.entities import LoggedModelOutput
+        from mlflow.models import Model
+        from transformers import pipeline
+
+        experiment = self.client.get_run(self.run_id).info.experiment_id
+        model = self.client.create_logged_model(experiment, name=STUDENT_MODEL, source_run_id=self.run_id)
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                saved = Path(tmp, "model")
+                source = str(Path(folder).resolve())
+                mlflow.transformers.save_model(
+                    pipeline("text-classification", model=source, tokenizer=source, device="cpu"), saved,
+                    model_card=ModelCard(_STUDENT_CARD),
+                    # MLflow's defaults pin torchvision, which the project does not install, and infer the rest by
+                    # loading the model in a subprocess (seconds); a local version (+cpu) is not on PyPI.
+                    pip_requirements=[f"{p}=={version(p).split('+')[0]}" for p in ("torch", "transformers")],
+                    mlflow_model=Model(artifact_path=model.artifact_location, model_uuid=model.model_id,
+                                       run_id=self.run_id, model_id=model.model_id))
+                self.client.log_model_artifacts(model.model_id, str(saved))
+        except Exception:
+            self.client.finalize_logged_model(model.model_id, "FAILED")
+            raise
+        self.client.finalize_logged_model(model.model_id, "READY")
+        self.client.log_outputs(self.run_id, [LoggedModelOutput(model.model_id, step=0)])
 
     def finish(self, status: str, error: str | None = None) -> None:
         if error:
             self.client.set_tag(self.run_id, "error", redact_text(error)[:5000])
         self.client.set_terminated(self.run_id, status)
+
+
+def _dataset_source(split: DataSplit):
+    from mlflow.data.sources import CodeDatasetSource, HuggingFaceDatasetSource, LocalArtifactDatasetSource
+
+    source = redact_text(split.source)
+    if split.source_type == "local":
+        return LocalArtifactDatasetSource(source)
+    if split.source_type == "hub":
+        return HuggingFaceDatasetSource(source, config_name=split.subset)
+    return CodeDatasetSource({"generator": source})
+
+
+def local_model_folder(model: str) -> str:
+    """``evaluate --model``: a local folder as it is; an MLflow model URI (``models:/<name>@<alias>``,
+    ``models:/<name>/<version>``, ``models:/<model id>``, ``runs:/<run id>/<path>``) downloaded from the tracking
+    store (``resolve_tracking``: MLFLOW_TRACKING_URI, else ./mlflow.db) to a temporary folder removed at exit.
+
+    Returns the Hugging Face model folder inside the download: the shallowest folder holding ``config.json``, with the
+    tokenizer files of the shallowest folder holding ``tokenizer_config.json`` copied in where they are elsewhere (the
+    transformers flavour keeps them in ``components/tokenizer``).
+    """
+    if not model.startswith(("models:/", "runs:/")):
+        return model
+    from mlflow.artifacts import download_artifacts
+    from mlflow.exceptions import MlflowException
+
+    try:
+        uri = resolve_tracking(None, "", default=local_store()).uri
+    except ConfigError as err:
+        raise ConfigError(f"--model {model}: {err}") from None
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise ConfigError(f"--model {model}: there is no MLflow store at {uri}; set MLFLOW_TRACKING_URI to the store "
+                          f"that holds the model")
+    mlflow_client = client(uri)
+    target = Path(tempfile.mkdtemp(prefix="metadistil-model-"))
+    atexit.register(shutil.rmtree, target, ignore_errors=True)
+    try:
+        location = model if model.startswith("runs:/") else _model_location(mlflow_client, model)
+        root = Path(download_artifacts(artifact_uri=location, dst_path=str(target),
+                                       tracking_uri=mlflow_client.tracking_uri))
+    except MlflowException as err:
+        raise ConfigError(f"--model {model}: {redact_text(err.message.splitlines()[0])} (MLflow store "
+                          f"{redact_uri(uri)})") from None
+    configs = sorted(root.rglob("config.json"), key=lambda p: (len(p.parts), str(p)))
+    if not configs:
+        raise ConfigError(f"--model {model}: holds no Hugging Face model (no config.json among its files)")
+    folder = configs[0].parent
+    tokenizers = sorted(root.rglob("tokenizer_config.json"), key=lambda p: (len(p.parts), str(p)))
+    if tokenizers and not (folder / "tokenizer_config.json").is_file():
+        shutil.copytree(tokenizers[0].parent, folder, dirs_exist_ok=True)
+    return str(folder)
+
+
+def _model_location(mlflow_client, uri: str) -> str:
+    """Where the artifacts of a ``models:/`` URI are, looked up on this client's store (MLflow's own lookup reads the
+    global registry URI)."""
+    name, _, version = uri.removeprefix("models:/").rstrip("/").partition("/")
+    if "@" in name:
+        name, _, alias = name.partition("@")
+        version = mlflow_client.get_model_version_by_alias(name, alias).version
+    elif not version:  # models:/<model id>, a logged model
+        return mlflow_client.get_logged_model(name).artifact_location
+    return mlflow_client.get_model_version_download_uri(name, version)

@@ -1,33 +1,26 @@
-"""Labelled text: loading, the deterministic train/quiz/validation/test splits, and aligned multi-tokenizer batches."""
+"""Labelled text: loading, the deterministic train/quiz/validation/test splits, and aligned multi-tokenizer batches.
+
+torch is imported where batches are made, not at the top: ``metadistil validate`` draws the splits (trainer.preflight)
+without paying for it.
+"""
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from trainer.config import ConfigError, DataConfig, NoiseConfig
+from trainer.datafiles import FORMATS, TextSet, read_labelled, whole_number
 from trainer.noise import add_noise, build_vocabulary, noise_rng
-from trainer.tokenized import TokenCache
 
-_FORMATS = {".tsv": "csv", ".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+if TYPE_CHECKING:
+    import torch
+
 _SPLIT_NAMES = {"train": ("train",), "validation": ("validation", "dev", "valid", "val"), "test": ("test",)}
-
-
-@dataclass
-class TextSet:
-    texts: list[str]
-    labels: list[int]
-
-    def __len__(self) -> int:
-        return len(self.texts)
-
-    def take(self, indices: Sequence[int]) -> TextSet:
-        return TextSet([self.texts[i] for i in indices], [self.labels[i] for i in indices])
 
 
 @dataclass
@@ -45,24 +38,23 @@ class Splits:
 def load_splits(cfg: DataConfig, seed: int) -> Splits:
     """Load the raw splits and draw train/quiz/test (disjoint, deterministic for a seed) and validation."""
     raw = load_raw(cfg)
+    source_name = cfg.path or cfg.name
     rng = np.random.default_rng(cfg.split_seed if cfg.split_seed is not None else seed)
     source = raw["train"]
     order = rng.permutation(len(source))
     test_labelled = "test" in raw and min(raw["test"].labels, default=-1) >= 0
+    num_labels = _label_count({name: part for name, part in raw.items() if name != "test" or test_labelled},
+                              source_name)
     carved_test = 0 if test_labelled else cfg.test_size
     # A single local file (documented as allowed) has no validation split: it used to be refused outright. Now
     # validation is carved from train as well, disjoint from the rest, and then its size must be given.
     carved_validation = 0
     if "validation" not in raw:
         if cfg.validation_size is None:
-            raise ConfigError(f"data.validation_size: {cfg.path or cfg.name} has no validation split (no "
+            raise ConfigError(f"data.validation_size: {source_name} has no validation split (no "
                               f"validation/dev file), so validation is carved from train; set data.validation_size")
         carved_validation = cfg.validation_size
-    needed = cfg.train_size + cfg.quiz_size + carved_test + carved_validation
-    if needed > len(source):
-        raise ConfigError(f"data.train_size: train {cfg.train_size} + quiz {cfg.quiz_size} + test carved from train "
-                          f"{carved_test} + validation carved from train {carved_validation} = {needed} exceeds the "
-                          f"{len(source)} examples of the train split")
+    _check_sizes(cfg, raw, carved_test, carved_validation, source_name)
     test = raw["test"].take(rng.permutation(len(raw["test"]))[: cfg.test_size]) if test_labelled \
         else source.take(order[:carved_test])
     quiz = source.take(order[carved_test: carved_test + cfg.quiz_size])
@@ -78,10 +70,36 @@ def load_splits(cfg: DataConfig, seed: int) -> Splits:
     if cfg.train_subset_seed is not None:
         pool = np.random.default_rng([cfg.train_subset_seed, 1]).permutation(pool)
     train = source.take(pool[: cfg.train_size])
-    all_labels = [lab for part in (train, quiz, validation, test) for lab in part.labels]
-    if min(all_labels) < 0:
-        raise ConfigError(f"data.label_column: labels must be integers >= 0, found {min(all_labels)}")
-    return Splits(train, quiz, validation, test, num_labels=max(2, max(all_labels) + 1))
+    return Splits(train, quiz, validation, test, num_labels=num_labels)
+
+
+def _label_count(labelled: dict[str, TextSet], source_name: str) -> int:
+    """The task's classes, from every labelled split of the source (not only the examples a seed draws)."""
+    for split, part in labelled.items():
+        if min(part.labels, default=0) < 0:
+            raise ConfigError(f"data.label_column: labels must be whole numbers >= 0; the {split} split of "
+                              f"{source_name} has {min(part.labels)}")
+    return max(2, 1 + max(max(part.labels, default=0) for part in labelled.values()))
+
+
+def _check_sizes(cfg: DataConfig, raw: dict[str, TextSet], carved_test: int, carved_validation: int,
+                 source_name: str) -> None:
+    """A split asked larger than the data used to come out smaller without a word (validation, a test file)."""
+    carved = [("data.train_size", cfg.train_size), ("data.quiz_size", cfg.quiz_size)]
+    carved += [("data.test_size", carved_test)] if carved_test else []
+    carved += [("data.validation_size", carved_validation)] if carved_validation else []
+    needed = sum(size for _, size in carved)
+    if needed > len(raw["train"]):
+        keys = " + ".join(key for key, _ in carved)
+        sizes = " + ".join(str(size) for _, size in carved)
+        raise ConfigError(f"{keys}: {sizes} = {needed} examples are drawn from the train split, which has "
+                          f"{len(raw['train'])} ({source_name}); lower them")
+    given = {"validation": None if carved_validation else cfg.validation_size,
+             "test": None if carved_test else cfg.test_size}
+    for split, size in given.items():
+        if size and size > len(raw[split]):  # 0 asks for none: a source may then have no such split
+            raise ConfigError(f"data.{split}_size: {size} exceeds the {len(raw[split])} examples of the {split} split "
+                              f"of {source_name}; lower it")
 
 
 def all_texts(cfg: DataConfig) -> list[str]:
@@ -92,7 +110,8 @@ def all_texts(cfg: DataConfig) -> list[str]:
 def load_raw(cfg: DataConfig) -> dict[str, TextSet]:
     """The data source's own splits (train, validation, test where it has them), before any split is drawn."""
     if cfg.path is not None:
-        return _load_local(cfg)
+        return {split: read_labelled(file, cfg.text_column, cfg.label_column)
+                for split, file in _local_files(Path(cfg.path)).items()}
     if cfg.name == "synthetic":
         return synthetic_sentiment(cfg.train_size + cfg.quiz_size + cfg.test_size, cfg.validation_size or 872)
     import datasets
@@ -100,42 +119,24 @@ def load_raw(cfg: DataConfig) -> dict[str, TextSet]:
     try:
         loaded = datasets.load_dataset(cfg.name, cfg.subset)
     except Exception as err:  # the hub raises many types; the user needs the name and the cause
-        raise ConfigError(f"data.name: could not load {cfg.name!r} from the Hugging Face hub ({err}); "
-                          f"set data.path to a local labelled file or folder") from None
+        raise ConfigError(f"data.name: could not load {cfg.name!r} from the Hugging Face hub "
+                          f"({' '.join(str(err).split())}); set data.path to a local labelled file or folder") from None
     return {split: _to_textset(ds, cfg, f"{cfg.name}:{split}") for split, ds in loaded.items()}
 
 
-def read_labelled_file(path: str, text_column: str = "sentence", label_column: str = "label") -> TextSet:
-    """One labelled tsv/csv/jsonl/json/parquet file, whole (e.g. to score a saved student on unseen data)."""
-    if not Path(path).is_file():
-        raise ConfigError(f"data.path: {path!r} is not a file")
-    return _load_local(DataConfig(path=path, text_column=text_column, label_column=label_column))["train"]
-
-
-def _load_local(cfg: DataConfig) -> dict[str, TextSet]:
-    import datasets
-
-    path = Path(cfg.path)
+def _local_files(path: Path) -> dict[str, Path]:
     if path.is_file():
-        files = {"train": path}
-    elif path.is_dir():
-        files = {}
-        for split, stems in _SPLIT_NAMES.items():
-            found = [p for p in sorted(path.iterdir()) if p.stem in stems and p.suffix in _FORMATS]
-            if found:
-                files[split] = found[0]
-        if "train" not in files:
-            raise ConfigError(f"data.path: no train.{{tsv,csv,jsonl,json,parquet}} file in {path}")
-    else:
-        raise ConfigError(f"data.path: {cfg.path!r} does not exist")
-    out = {}
-    for split, file in files.items():
-        if file.suffix not in _FORMATS:
-            raise ConfigError(f"data.path: unsupported file type {file.suffix!r} (allowed: {', '.join(_FORMATS)})")
-        kwargs = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if file.suffix == ".tsv" else {}
-        ds = datasets.load_dataset(_FORMATS[file.suffix], data_files=str(file), split="train", **kwargs)
-        out[split] = _to_textset(ds, cfg, str(file))
-    return out
+        return {"train": path}
+    if not path.is_dir():
+        raise ConfigError(f"data.path: {str(path)!r} does not exist")
+    files = {}
+    for split, stems in _SPLIT_NAMES.items():
+        found = [p for p in sorted(path.iterdir()) if p.stem in stems and p.suffix in FORMATS]
+        if found:
+            files[split] = found[0]
+    if "train" not in files:
+        raise ConfigError(f"data.path: no train.{{tsv,csv,jsonl,json,parquet}} file in {path}")
+    return files
 
 
 def _to_textset(ds, cfg: DataConfig, where: str) -> TextSet:
@@ -146,10 +147,8 @@ def _to_textset(ds, cfg: DataConfig, where: str) -> TextSet:
     # on a busy 2-core machine); the Arrow column converts in milliseconds and respects any index mapping.
     columns = ds.with_format("arrow")
     texts = ["" if t is None else str(t) for t in columns[cfg.text_column].to_pylist()]
-    try:
-        labels = [int(v) for v in columns[cfg.label_column].to_pylist()]
-    except (TypeError, ValueError):
-        raise ConfigError(f"data.label_column: {cfg.label_column!r} in {where} must hold integer labels") from None
+    setting = f"data.label_column: {cfg.label_column!r} in {where}"
+    labels = [whole_number(v, setting, f"row {i + 1}") for i, v in enumerate(columns[cfg.label_column].to_pylist())]
     return TextSet(texts, labels)
 
 
@@ -202,6 +201,8 @@ class Collator:
         self.vocabulary = list(vocabulary)
         self.caches = {}
         if token_cache:
+            from trainer.tokenized import TokenCache
+
             for tokenizer in [student_tokenizer, *self.teacher_tokenizers]:
                 found = TokenCache.load(token_cache, tokenizer, max_length)
                 if found:
@@ -249,6 +250,8 @@ class Collator:
             same_noise = epoch is None or (self.noise.teacher.p <= 0 and self.noise.student.p <= 0)
             teacher_texts = student_texts if same_noise else self._noisy(data, indices, "teacher", epoch)
             teachers = [encode(tok, teacher_texts) for tok in self.teacher_tokenizers]
+        import torch
+
         labels = torch.tensor([data.labels[i] for i in indices], dtype=torch.long)
         return Batch(labels, student, teachers)
 

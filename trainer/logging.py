@@ -7,6 +7,7 @@ Trackers (MLflow) implement the same protocol in the launcher package, so the tr
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -30,16 +31,49 @@ class Logger(Protocol):
 
     def set_tags(self, tags: dict[str, str]) -> None: ...
 
-    def log_artifacts(self, folder: Path, name: str) -> None: ...
+    def log_artifacts(self, files: list[Path], name: str) -> None:
+        """Small files (config, metrics) to keep with the run under ``name``."""
+
+    def log_datasets(self, splits: list[DataSplit]) -> None:
+        """The data the trial drew its splits from, as a tracker's dataset inputs."""
+
+    def log_student(self, folder: Path) -> None:
+        """The trained student (a ``save_pretrained`` folder with its tokenizer), as a tracker's model."""
 
     def finish(self, status: str, error: str | None = None) -> None: ...
 
 
-class StdoutLogger:
-    """Prints evaluation results and the final summary; per-step losses go to the progress bar instead."""
+@dataclass(frozen=True)
+class DataSplit:
+    """One split of a trial's data as a tracker records it: what identifies its examples, not the examples."""
 
-    def __init__(self, print_fn=tqdm.write):
-        self.print = print_fn
+    name: str  # e.g. "sst2/train"
+    context: str  # what the trial uses it for: training, quiz, validation or testing
+    size: int  # examples
+    digest: str  # of its texts and labels, in order: the same digest, the same examples
+    source: str  # the local file or folder, the hub dataset, or "synthetic", that it was drawn from
+    source_type: str  # "local", "hub" or "synthetic"
+    subset: str | None = None  # the hub dataset's configuration
+
+
+# A named trial's lines start with "[<name>] " (StdoutLogger). Ray merges lines of different workers that differ only
+# in words with digits ("[repeated 3x across cluster]"), which hides which trial printed what; the CLI exempts lines
+# of this form from that (Ray's RAY_DEDUP_LOGS_ALLOW_REGEX).
+NAMED_LINE = r"^\[[^\]\s]+\] "
+
+
+class StdoutLogger:
+    """Prints evaluation results and the final summary; per-step losses go to the progress bar instead.
+
+    With ``name`` (a sweep trial's id) every line starts with ``[name]``: a sweep's console mixes several trials.
+    """
+
+    def __init__(self, print_fn=tqdm.write, name: str | None = None):
+        self._print_fn = print_fn
+        self._prefix = f"[{name}] " if name else ""
+
+    def print(self, line: str) -> None:
+        self._print_fn(self._prefix + line)
 
     def log_params(self, params: dict[str, Any]) -> None:
         pass
@@ -52,8 +86,14 @@ class StdoutLogger:
     def set_tags(self, tags: dict[str, str]) -> None:
         pass
 
-    def log_artifacts(self, folder: Path, name: str) -> None:
-        self.print(f"saved {name}: {folder}")
+    def log_artifacts(self, files: list[Path], name: str) -> None:
+        self.print(f"saved {name}: {', '.join(str(f) for f in files)}")
+
+    def log_datasets(self, splits: list[DataSplit]) -> None:
+        pass
+
+    def log_student(self, folder: Path) -> None:
+        pass
 
     def finish(self, status: str, error: str | None = None) -> None:
         self.print(f"trial {status}" + (f": {redact_text(error)}" if error else ""))

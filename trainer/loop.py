@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -21,11 +22,14 @@ from tqdm.auto import tqdm
 from trainer import checkpoint
 from trainer.algorithms import FineTune, MetaDistil
 from trainer.build import Trial, build_trial
-from trainer.config import TrialConfig, flatten
-from trainer.data import index_batches
+from trainer.config import DataConfig, TrialConfig, digest, flatten
+from trainer.data import Splits, index_batches
 from trainer.distributed import is_main, shard
 from trainer.evaluation import accuracy
-from trainer.logging import Logger, Loggers, StdoutLogger
+from trainer.logging import DataSplit, Logger, Loggers, StdoutLogger
+from trainer.preflight import check_trial
+
+_CONTEXTS = {"train": "training", "quiz": "quiz", "validation": "validation", "test": "testing"}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -39,13 +43,14 @@ class TrialResult:
 
 
 def run_trial(cfg: TrialConfig, loggers: list[Logger] | None = None, progress: bool = True,
-              on_eval=None, checkpoint_dir: Path | None = None) -> TrialResult:
+              on_eval=None, checkpoint_dir: Path | None = None, name: str | None = None) -> TrialResult:
     """Train and evaluate one trial.
 
     ``on_eval(step, metrics)`` is called after each evaluation (e.g. a Tune reporter). With ``checkpoint_dir``, the
     trial checkpoints there at each evaluation and, when a checkpoint is already there, continues from it.
+    ``name`` (a sweep trial's id) starts every line the trial prints.
     """
-    log = Loggers([StdoutLogger(), *(loggers or [])])
+    log = Loggers([StdoutLogger(name=name), *(loggers or [])])
     log.log_params(flatten(cfg))
     log.set_tags({"algorithm": cfg.algorithm})
     try:
@@ -58,8 +63,10 @@ def run_trial(cfg: TrialConfig, loggers: list[Logger] | None = None, progress: b
 
 
 def _run(cfg: TrialConfig, log: Loggers, progress: bool, on_eval, checkpoint_dir: Path | None) -> TrialResult:
+    check_trial(cfg)  # what `metadistil validate` checks, on the machine that runs the trial, before models load
     trial = build_trial(cfg)
     log.log_metrics({**{f"data_{k}": v for k, v in trial.splits.sizes().items()}, **trial.sizes}, step=0)
+    log.log_datasets(data_splits(cfg.data, trial.splits))
     student, splits = trial.engines["student"], trial.splits
     steps_per_epoch = math.ceil(len(splits.train) / cfg.optim.batch_size)
     warmup_steps = math.ceil(cfg.warmup.epochs * steps_per_epoch)
@@ -69,6 +76,7 @@ def _run(cfg: TrialConfig, log: Loggers, progress: bool, on_eval, checkpoint_dir
     config_key = checkpoint.fingerprint(cfg)
     resumed = checkpoint.load(checkpoint_dir, trial.engines, config_key) if checkpoint_dir else None
     start, best = resumed or (0, None)
+    started = time.perf_counter()
     if resumed:
         log.set_tags({"resumed_from_step": str(start)})
     elif warmup_steps:
@@ -84,8 +92,13 @@ def _run(cfg: TrialConfig, log: Loggers, progress: bool, on_eval, checkpoint_dir
 
     student.module.load_state_dict(best["state"])
     test_acc = accuracy(student.module, splits.test, trial.collate, cfg.eval.batch_size, trial.device)
+    phases = trial.timer.summary()
+    # train_wall_time_s: this attempt's warm-up and training, evaluations included; peak_memory_mb: the most GPU
+    # memory a phase allocated on CUDA, else the process's peak resident memory (one column for the runs list)
+    peaks = [v for k, v in phases.items() if k.startswith("peak_memory_")]
     metrics = {"best_val_accuracy": best["accuracy"], "best_step": best["step"], "test_accuracy": test_acc,
-               "warmup_steps": warmup_steps, "train_steps": total, **trial.sizes, **trial.timer.summary()}
+               "warmup_steps": warmup_steps, "train_steps": total, "train_wall_time_s": time.perf_counter() - started,
+               **({"peak_memory_mb": max(peaks)} if peaks else {}), **trial.sizes, **phases}
     log.log_metrics(metrics, step=warmup_steps + total)
     if is_main():
         _save(trial, algorithm, metrics, log)
@@ -152,7 +165,28 @@ def _save(trial: Trial, algorithm, metrics: dict, log: Loggers) -> None:
             loaded.tokenizer.save_pretrained(out / f"teacher_{i}")
     (out / "config.yaml").write_text(yaml.safe_dump(trial.cfg.model_dump(mode="json"), sort_keys=False))
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    log.log_artifacts(out, "trial")
+    # The checkpoint (gigabytes with DeepSpeed) and any saved teachers stay in the trial's storage; trackers get the
+    # config, the metrics and the student.
+    log.log_artifacts([out / "config.yaml", out / "metrics.json"], "trial")
+    log.log_student(out / "student")
+
+
+def data_splits(data: DataConfig, splits: Splits) -> list[DataSplit]:
+    """The trial's four splits as trackers record them. The digest covers texts and labels in order, so two runs
+    share a digest exactly when they saw the same examples, however their configs drew them."""
+    if data.path is not None:
+        source, source_type, subset, label = str(Path(data.path).resolve()), "local", None, Path(data.path).stem
+    elif data.name == "synthetic":
+        source, source_type, subset, label = data.name, "synthetic", None, data.name
+    else:
+        source, source_type, subset = data.name, "hub", data.subset
+        label = "/".join(part for part in (data.name.rsplit("/", 1)[-1], data.subset) if part)
+    described = []
+    for split, context in _CONTEXTS.items():
+        part = getattr(splits, split)
+        described.append(DataSplit(f"{label}/{split}", context, len(part), digest([part.texts, part.labels]), source,
+                                   source_type, subset))
+    return described
 
 
 def _cpu_copy(module: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import importlib
 import os
 import re
 from dataclasses import dataclass
@@ -13,6 +12,7 @@ import torch
 from torch import nn
 
 from trainer.config import ConfigError, ModelConfig
+from trainer.preflight import one_line, resolve_name
 
 _LAYER_KEY = re.compile(r"\.layer\.(\d+)\.")
 
@@ -22,26 +22,6 @@ class Loaded:
     model: nn.Module
     tokenizer: object
     label: str
-
-
-def resolve_name(name: str) -> str:
-    """'package:<module>' names a model shipped inside an installed package; anything else is passed through."""
-    if not name.startswith("package:"):
-        return name
-    module_name = name.removeprefix("package:")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as err:
-        # only the named module (or a parent package) missing means "not installed"; a missing dependency inside it
-        # is a different problem and used to be reported as this one
-        if err.name is None or not (module_name == err.name or module_name.startswith(err.name + ".")):
-            raise ConfigError(f"model {name!r}: importing {module_name!r} failed: {err}") from None
-        raise ConfigError(f"model {name!r}: Python package module {module_name!r} is not installed") from None
-    except ImportError as err:
-        raise ConfigError(f"model {name!r}: importing {module_name!r} failed: {err}") from None
-    if not hasattr(module, "get_model_path"):
-        raise ConfigError(f"model {name!r}: module {module_name!r} has no get_model_path()")
-    return str(module.get_model_path())
 
 
 def display_label(spec: ModelConfig) -> str:
@@ -56,7 +36,7 @@ def load_model(spec: ModelConfig, num_labels: int, key: str, attn_implementation
     try:
         config = AutoConfig.from_pretrained(name)
     except Exception as err:  # hub and filesystem errors come in many types; the user needs the key and the cause
-        raise ConfigError(f"{key}.name: cannot load model {spec.name!r}: {err}") from None
+        raise ConfigError(f"{key}.name: cannot load model {spec.name!r}: {one_line(err)}") from None
     is_classifier = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
     if is_classifier and config.num_labels != num_labels:
         raise ConfigError(f"{key}.name: {spec.name!r} is a classifier with {config.num_labels} labels but the data "
@@ -64,7 +44,10 @@ def load_model(spec: ModelConfig, num_labels: int, key: str, attn_implementation
     kwargs = {"num_labels": num_labels}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
-    model = AutoModelForSequenceClassification.from_pretrained(name, **kwargs)
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(name, **kwargs)
+    except Exception as err:  # noqa: BLE001 - truncated or mismatched weights: OSError, RuntimeError, SafetensorError...
+        raise ConfigError(f"{key}.name: cannot load the weights of {spec.name!r}: {one_line(err)}") from None
     return Loaded(model, load_tokenizer(spec, key), display_label(spec))
 
 
@@ -75,7 +58,7 @@ def load_tokenizer(spec: ModelConfig, key: str):
     try:
         return AutoTokenizer.from_pretrained(tokenizer_name)
     except Exception as err:
-        raise ConfigError(f"{key}.tokenizer: cannot load tokenizer {tokenizer_name!r}: {err}") from None
+        raise ConfigError(f"{key}.tokenizer: cannot load tokenizer {tokenizer_name!r}: {one_line(err)}") from None
 
 
 def layer_count(model: nn.Module) -> int:

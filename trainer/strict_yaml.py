@@ -58,9 +58,15 @@ def _join(where: str, key: Any) -> str:
 
 
 def read_yaml(path: Path) -> Any:
-    """The YAML file's data; a syntax error or a repeated key is a one-line ConfigError naming the file."""
+    """The YAML file's data; a file that is not UTF-8, a syntax error or a repeated key is a one-line ConfigError
+    naming the file."""
     try:
-        return yaml.load(path.read_text(), Loader=StrictLoader)
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start}); "
+                          f"save it as UTF-8") from None
+    try:
+        return yaml.load(text, Loader=StrictLoader)
     except DuplicateKeyError as err:
         raise ConfigError(f"{path}: {err}") from None
     except yaml.YAMLError as err:

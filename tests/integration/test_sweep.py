@@ -94,8 +94,13 @@ def test_sweep_runs_resumes_and_caches_teachers(tmp_path, model_dirs, nan_teache
               if r.data.tags[runs.ROLE] == "trial" and r.info.status == "FINISHED"}
     best_trial, version = first.best
     assert scores[best_trial] == max(scores.values())
-    registered = MlflowClient(first.tracking_uri).get_model_version("metadistil-alpha", version)
-    assert registered.run_id == by_id[best_trial].info.run_id and registered.source.endswith("/trial/student")
+    client = MlflowClient(first.tracking_uri)
+    registered = client.get_model_version_by_alias("metadistil-alpha", runs.BEST_ALIAS)
+    student = client.get_logged_model(client.get_run(registered.run_id).outputs.model_outputs[0].model_id)
+    assert str(registered.version) == version and registered.run_id == by_id[best_trial].info.run_id
+    assert registered.source == student.artifact_location
+    assert {f.path for f in client.list_artifacts(registered.run_id, "trial")} == {"trial/config.yaml",
+                                                                                  "trial/metrics.json"}
 
     resumed = run_sweep(plan, resume=True, verbose=0)
     assert resumed.best == first.best, "a resume registered the same student again"

@@ -3,6 +3,7 @@ MLflow logging, the CLI on real SST-2 text."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -39,7 +40,13 @@ class Recorder:
     def set_tags(self, tags):
         pass
 
-    def log_artifacts(self, folder, name):
+    def log_artifacts(self, files, name):
+        pass
+
+    def log_datasets(self, splits):
+        pass
+
+    def log_student(self, folder):
         pass
 
     def finish(self, status, error=None):
@@ -110,17 +117,29 @@ def test_non_finite_loss_stops_the_trial_naming_step_and_loss(tmp_path, model_di
     assert log.status == "FAILED" and "kd=nan" in log.error
 
 
-def test_mlflow_run_holds_params_metrics_artifacts(tmp_path, model_dirs):
+def all_artifacts(client, run_id: str, path: str | None = None) -> set[str]:
+    found = set()
+    for item in client.list_artifacts(run_id, path):
+        found |= all_artifacts(client, run_id, item.path) if item.is_dir else {item.path}
+    return found
+
+
+def test_mlflow_run_holds_params_metrics_data_and_student_but_no_checkpoint(tmp_path, model_dirs, monkeypatch):
     from mlflow.tracking import MlflowClient
 
-    from launcher.tracking import MLflowLogger
+    from launcher.tracking import STUDENT_MODEL, MLflowLogger
 
+    monkeypatch.chdir(tmp_path)  # MLflow's default artifact root is ./mlruns
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg = trial(tmp_path, algorithm="finetune", student={"name": model_dirs["distilbert"]},
                 optim={"max_steps": 20}, eval={"every_steps": 10},
                 tracking={"mlflow_uri": "http://alice:s3cret@mlflow.example:5000", "experiment": "t"})
     logger = MLflowLogger(uri, "t", run_name="trial-a", tags={"sweep": "unit"})
-    result = run_trial(cfg, [logger], progress=False)
+    checkpoint = tmp_path / "out" / "checkpoint"  # where a sweep's trial checkpoints: inside its output folder
+    checkpointed = []
+    result = run_trial(cfg, [logger], progress=False, checkpoint_dir=checkpoint,
+                       on_eval=lambda step, metrics: checkpointed.append(any(checkpoint.rglob("*"))))
+    assert checkpointed == [True, True]
     client = MlflowClient(uri)
     run = client.get_run(logger.run_id)
     assert run.info.status == "FINISHED"
@@ -131,8 +150,12 @@ def test_mlflow_run_holds_params_metrics_artifacts(tmp_path, model_dirs):
     history = client.get_metric_history(logger.run_id, "val_accuracy")
     assert [m.step for m in history] == [10, 20]
     assert run.data.tags["sweep"] == "unit" and run.data.tags["algorithm"] == "finetune"
-    artifacts = {f.path for f in client.list_artifacts(logger.run_id, "trial")}
-    assert {"trial/student", "trial/config.yaml", "trial/metrics.json"} <= artifacts
+    assert all_artifacts(client, logger.run_id) == {"trial/config.yaml", "trial/metrics.json"}
+    inputs = {i.dataset.name: i.dataset for i in run.inputs.dataset_inputs}
+    assert {name: json.loads(d.profile)["num_rows"] for name, d in inputs.items()} == {
+        "synthetic/train": 600, "synthetic/quiz": 40, "synthetic/validation": 200, "synthetic/test": 200}
+    model = client.get_logged_model(run.outputs.model_outputs[0].model_id)
+    assert model.name == STUDENT_MODEL and model.source_run_id == logger.run_id
 
 
 @pytest.mark.skipif(not SST2.is_dir(), reason=f"real SST-2 text not found at {SST2}")

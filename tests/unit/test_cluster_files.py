@@ -78,8 +78,22 @@ def test_ray_cluster_file_has_a_gpu_worker_the_image_shared_storage_and_mlflow()
     mounts = re.findall(r"--volume (\S+):(\S+)", options)
     assert any(storage.startswith(inside + "/") for _, inside in mounts), "paper_table1's storage is not shared"
     assert re.search(r"--env MLFLOW_TRACKING_URI=https?://\S+", options)
-    assert any("ray start --head" in c and "--dashboard-host=0.0.0.0" in c for c in config["head_start_ray_commands"])
+    assert any("ray start --head" in c for c in config["head_start_ray_commands"])
     assert any("ray start --address=$RAY_HEAD_IP:6379" in c for c in config["worker_start_ray_commands"])
+
+
+def test_ray_cluster_file_keeps_the_job_api_on_the_heads_loopback():
+    """The dashboard runs any job it is sent: on the head's loopback `ray dashboard` reaches it through SSH (the
+    containers share the host's network), and nothing else can."""
+    config = load("ray-cluster.yaml")
+    # the launcher runs the containers with --net=host unless an option says otherwise
+    assert not [o for o in config["docker"]["run_options"] if o.startswith(("--net", "--network"))]
+    starts = [shlex.split(c.partition(";")[2]) for c in config["head_start_ray_commands"] if "ray start" in c]
+    hosts = [a.split("=", 1)[1] for argv in starts for a in argv if a.startswith("--dashboard-host")]
+    assert hosts == ["127.0.0.1"]
+    everything = [*config["head_start_ray_commands"], *config["worker_start_ray_commands"],
+                  *config["docker"]["run_options"]]
+    assert not [c for c in everything if "0.0.0.0" in c or "8265" in c], "the dashboard is published"
 
 
 def test_rayjob_runs_a_valid_sweep_on_gpu_workers_and_shuts_down(capsys, monkeypatch):
@@ -107,6 +121,18 @@ def test_rayjob_runs_a_valid_sweep_on_gpu_workers_and_shuts_down(capsys, monkeyp
         claims = {v["name"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
         mounts = [m for c in pod["containers"] for m in c["volumeMounts"] if m["name"] in claims]
         assert any(storage.startswith(m["mountPath"] + "/") for m in mounts), "the sweep's storage is not shared"
+
+
+def test_rayjob_dashboard_serves_the_submitter_and_stays_inside_the_cluster():
+    """KubeRay's submitter pod sends the job to the dashboard through the head's service, so the dashboard listens
+    on the pod's network; the service stays ClusterIP and nothing publishes it."""
+    cluster = load("rayjob.yaml")["spec"]["rayClusterSpec"]
+    head = cluster["headGroupSpec"]
+    assert head["rayStartParams"].get("dashboard-host", "0.0.0.0") == "0.0.0.0"
+    assert head.get("serviceType", "ClusterIP") == "ClusterIP"
+    assert "headService" not in head and not head.get("enableIngress")
+    for container in head["template"]["spec"]["containers"]:
+        assert not [p for p in container.get("ports", []) if "hostPort" in p], "a port is published on the node"
 
 
 def test_cluster_files_agree_on_image_and_entrypoint_spec():

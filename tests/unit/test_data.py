@@ -13,17 +13,10 @@ import torch
 
 from trainer.config import ConfigError, DataConfig, NoiseConfig, NoiseSide
 from trainer.data import Collator, TextSet, index_batches, load_splits, synthetic_sentiment
+from trainer.datafiles import read_labelled
 
 SST2 = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "sst2"
 N = 80
-
-
-@pytest.fixture(autouse=True)
-def _datasets_cache(tmp_path_factory, monkeypatch):
-    """Keep the Arrow caches of these throwaway files out of the user's ~/.cache."""
-    import datasets
-
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path_factory.getbasetemp() / "hf_datasets")
 
 
 def rows(n: int, prefix: str = "train", label=lambda i: i % 2) -> pd.DataFrame:
@@ -166,15 +159,53 @@ def test_missing_column_names_the_key(folder):
 def test_non_integer_labels_name_the_key(tmp_path):
     write(rows(N, label=lambda i: "pos"), tmp_path / "train.csv")
     write(rows(5, "validation"), tmp_path / "validation.csv")
-    with pytest.raises(ConfigError, match=r"^data\.label_column: 'label' .* must hold integer labels"):
+    with pytest.raises(ConfigError, match=r"^data\.label_column: 'label' in .*train\.csv must hold whole-number class "
+                       r"labels \(0, 1, \.\.\.\); line 2 has 'pos'$"):
         load_splits(cfg(tmp_path), seed=0)
 
 
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".parquet"])
+def test_fractional_labels_are_refused_and_whole_floats_are_labels(tmp_path, suffix):
+    """0.5 used to become the label 0 without a word; 1.0 (a float column of whole numbers) is the label 1."""
+    write(rows(N, label=lambda i: float(i % 2)), tmp_path / f"train{suffix}")
+    write(rows(5, "validation", label=lambda i: 0.5 if i == 3 else 1), tmp_path / f"validation{suffix}")
+    with pytest.raises(ConfigError, match=r"^data\.label_column: 'label' in .*validation\S* must hold whole-number "
+                                          r"class labels .* has '?0\.5'?$"):
+        load_splits(cfg(tmp_path), seed=0)
+    write(rows(5, "validation"), tmp_path / f"validation{suffix}")
+    assert set(load_splits(cfg(tmp_path), seed=0).train.labels) == {0, 1}
+
+
+def test_texts_are_read_verbatim(tmp_path):
+    """A pandas reader turned the sentence 'null' into a missing value and '007' into 7."""
+    texts = ["null", "007", "NA", " padded ", "1.50", ""]
+    path = tmp_path / "train.tsv"
+    path.write_text("sentence\tlabel\n" + "".join(f"{t}\t{i % 2}\n" for i, t in enumerate(texts)))
+    assert read_labelled(path, "sentence", "label") == TextSet(texts, [0, 1, 0, 1, 0, 1])
+
+
 def test_too_large_train_size_names_the_key(folder):
-    with pytest.raises(ConfigError, match=r"^data\.train_size: train 70 \+ quiz 10 \+ test carved from train 15 "
-                                          r".*= 95 exceeds the 80 examples"):
+    with pytest.raises(ConfigError, match=r"^data\.train_size \+ data\.quiz_size \+ data\.test_size: 70 \+ 10 \+ 15 = "
+                                          r"95 examples are drawn from the train split, which has 80 \("):
         load_splits(cfg(folder, train_size=70), seed=0)
     load_splits(cfg(folder, train_size=55), seed=0)  # exactly all 80
+
+
+@pytest.mark.parametrize(("split", "change"), [("validation", {"validation_size": 21}), ("test", {"test_size": 31})])
+def test_a_split_larger_than_its_file_names_the_key(folder, split, change):
+    """validation_size and a labelled test file's test_size used to give fewer examples than asked, silently."""
+    write(rows(30, "test"), folder / "test.tsv")
+    size, available = next(iter(change.values())), {"validation": 20, "test": 30}[split]
+    with pytest.raises(ConfigError, match=rf"^data\.{split}_size: {size} exceeds the {available} examples of the "
+                                          rf"{split} split of .*; lower it$"):
+        load_splits(cfg(folder, **change), seed=0)
+    assert len(getattr(load_splits(cfg(folder, **{k: v - 1 for k, v in change.items()}), seed=0), split)) == size - 1
+
+
+def test_the_label_count_comes_from_every_labelled_split(folder):
+    """A class no drawn example has is still a class of the task: the count used to come from the drawn examples."""
+    write(rows(20, "validation", label=lambda i: 4 if i == 0 else i % 2), folder / "validation.tsv")
+    assert load_splits(cfg(folder, validation_size=1, split_seed=0), seed=0).num_labels == 5
 
 
 def test_missing_path_names_the_key(tmp_path):
@@ -205,6 +236,12 @@ def test_synthetic_data():
                                     validation_size=30), seed=0)
     assert splits.sizes() == {"train": 50, "quiz": 10, "validation": 30, "test": 20}
     assert set(splits.train.labels) == {0, 1}
+
+
+def test_a_split_of_size_zero_needs_no_such_split_in_the_source(folder):
+    # the folder has train and validation files only; test_size 0 asks for no test split (bench/step_cost.py does)
+    splits = load_splits(DataConfig(path=str(folder), train_size=20, quiz_size=4, test_size=0), seed=0)
+    assert splits.sizes()["test"] == 0 and splits.sizes()["train"] == 20
 
 
 def test_real_sst2_default_sizes():

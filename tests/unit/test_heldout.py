@@ -15,7 +15,7 @@ from trainer.data import Collator, load_splits
 from trainer.evaluation import accuracy
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-import heldout  # noqa: E402
+import heldout
 
 
 def make_plan(tmp_path, model_dir):
@@ -69,6 +69,7 @@ def test_finished_trials_are_scored_by_cell(tmp_path, model_dirs, capsys):
     collate = Collator(AutoTokenizer.from_pretrained(model_dirs["bert"]), [], 64, NoiseConfig(), seed=0)
     expected = accuracy(model, data, collate, 16, torch.device("cpu"))
     assert [r["trial"] for r in rows] == [t.id for t in kd[:2]]
+    assert [r["run_name"] for r in rows] == ["kd · t→s · s1", "kd · t→s · s2"]  # as the sweep's MLflow runs are named
     assert all(r["heldout_accuracy"] == expected for r in rows)
     assert "not finished" in capsys.readouterr().err
     table = heldout.cell_table(rows, len(data))

