@@ -50,6 +50,7 @@ class RecordingEngine(TorchEngine):
 
     def __init__(self, engine: TorchEngine):
         super().__init__(engine.module, engine.optimizer, engine.grad_clip)
+        self.lr_scheduler = engine.lr_scheduler  # the trial's schedule, not a new one on the same optimizer
         self.grads: list[torch.Tensor] = []
 
     def step(self) -> None:

@@ -7,6 +7,7 @@ measure what trials run.
 from __future__ import annotations
 
 import itertools
+import math
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from trainer.algorithms import KD, FineTune, MetaDistil
 from trainer.config import TrialConfig
 from trainer.data import Batch, Collator, Splits, TextSet, load_splits
 from trainer.distributed import check_workers, shard, world
-from trainer.engine import Engine, wrap
+from trainer.engine import Engine, Schedule, wrap
 from trainer.metrics import PhaseTimer
 from trainer.models import Loaded, count_parameters, load_model, pick_device, student_from_teacher, times_smaller
 
@@ -36,6 +37,8 @@ class Trial:
     engines: dict[str, Engine]  # "student", and "teacher_<i>" for the teachers metadistil trains
     timer: PhaseTimer
     sizes: dict[str, float]  # parameter counts, taken before wrapping (ZeRO-3 empties the wrapped parameters)
+    warmup_steps: int  # student fine-tuning steps before distillation
+    train_steps: int
 
     def algorithm(self, start: int = 0, quiz_batches: Iterator[Batch] | None = None) -> FineTune | KD | MetaDistil:
         """The trial's algorithm, continuing after ``start`` training steps: a resumed trial's quiz draws go on where
@@ -66,15 +69,27 @@ def build_trial(cfg: TrialConfig, device: torch.device | None = None) -> Trial:
     collate = Collator.for_training(student.tokenizer, [t.tokenizer for t in teachers], cfg.data.max_length,
                                     cfg.noise, cfg.seed, splits.train, cfg.data.token_cache)
     sizes = _model_sizes(student, teachers)
-    opt = cfg.optim
+    opt, meta = cfg.optim, cfg.metadistil
+    warmup_steps, train_steps = step_counts(cfg, len(splits.train))
     engines = {"student": wrap(student.model.to(device).train(), opt.lr, opt.weight_decay, cfg.deepspeed,
-                               _worker_batch(opt.batch_size), opt.grad_clip)}
+                               _worker_batch(opt.batch_size), opt.grad_clip,
+                               Schedule(opt.schedule, warmup_steps + train_steps, opt.warmup_ratio))}
     if cfg.algorithm == "metadistil":
         # Teachers run without dropout: their logits are the student's targets. They still learn (meta-updates).
-        engines.update({f"teacher_{i}": wrap(t.model.to(device).eval(), cfg.metadistil.teacher_lr, opt.weight_decay,
-                                             cfg.deepspeed, _worker_batch(opt.batch_size), opt.grad_clip)
+        meta_steps = math.ceil(train_steps / meta.meta_interval)
+        engines.update({f"teacher_{i}": wrap(t.model.to(device).eval(), meta.teacher_lr, opt.weight_decay,
+                                             cfg.deepspeed, _worker_batch(opt.batch_size), opt.grad_clip,
+                                             Schedule(meta.teacher_schedule, meta_steps, meta.teacher_warmup_ratio))
                         for i, t in enumerate(teachers)})
-    return Trial(cfg, device, splits, collate, student, teachers, engines, PhaseTimer(device), sizes)
+    return Trial(cfg, device, splits, collate, student, teachers, engines, PhaseTimer(device), sizes, warmup_steps,
+                 train_steps)
+
+
+def step_counts(cfg: TrialConfig, train_examples: int) -> tuple[int, int]:
+    """(warm-up fine-tuning steps, training steps) of a trial: epochs of the training split, capped by max_steps."""
+    steps_per_epoch = math.ceil(train_examples / cfg.optim.batch_size)
+    total = math.ceil(cfg.optim.epochs * steps_per_epoch)
+    return math.ceil(cfg.warmup.epochs * steps_per_epoch), min(total, cfg.optim.max_steps or total)
 
 
 def quiz_stream(quiz: TextSet, collate: Collator, batch_size: int, seed: int, device: torch.device,

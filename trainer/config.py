@@ -104,6 +104,11 @@ class MetaDistilConfig(_Section):
     quiz_dropout: bool = Field(False, description="Evaluate the stepped student on the quiz batch with dropout on. "
                                "false (the official MetaDistil's choice): the quiz loss the teachers learn from is a "
                                "deterministic function of the step, not a dropout sample of it.")
+    teacher_schedule: Literal["linear", "constant"] = Field(
+        "linear", description="The teachers' learning-rate schedule over their meta-updates (one per meta step): "
+        "'linear' or 'constant', as optim.schedule.")
+    teacher_warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Fraction of the meta-updates over which the "
+                                        "teachers' learning rate rises linearly from 0.")
     update: Literal["exact", "lagged"] = Field(
         "exact", description="The real student step of a meta step. 'exact' (the paper): a KD step with the teachers "
         "just meta-updated. 'lagged': the pilot's own KD gradient (teachers from before this step's meta-update), so "
@@ -137,7 +142,15 @@ class NoiseConfig(_Section):
 
 class OptimConfig(_Section):
     lr: float = Field(6e-5, gt=0, description="AdamW learning rate of the student.")
-    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay (student and teachers).")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay (student and teachers); biases and "
+                                "LayerNorm weights are not decayed (the transformers convention).")
+    schedule: Literal["linear", "constant"] = Field(
+        "linear", description="The student's learning-rate schedule over all its optimizer steps (warm-up "
+        "fine-tuning, then training): 'linear' rises linearly over optim.warmup_ratio of them, then decays linearly "
+        "to 0 (transformers' get_linear_schedule_with_warmup, the official MetaDistil's); 'constant' stays at "
+        "optim.lr after the same rise.")
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Fraction of the student's optimizer steps over which "
+                                "its learning rate rises linearly from 0 (rounded up to whole steps).")
     batch_size: int = Field(32, ge=1, description="Training examples per step.")
     epochs: float = Field(3.0, gt=0, description="Training epochs after warm-up (fractions allowed).")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many training steps (after warm-up); "

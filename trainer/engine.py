@@ -8,11 +8,13 @@ Gradients computed outside an engine (the meta step works on detached parameter 
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import re
 import socket
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -31,18 +33,42 @@ class Engine(Protocol):
 
     def step(self) -> None: ...
 
+    def get_lr(self) -> list[float]: ...
+
     def save_checkpoint(self, save_dir: str, tag: str) -> Any: ...
 
     def load_checkpoint(self, load_dir: str, tag: str) -> Any: ...
 
 
+@dataclass(frozen=True)
+class Schedule:
+    """A learning-rate schedule over ``steps`` optimizer steps, with the semantics of transformers' schedules."""
+
+    kind: str  # "linear" (rise, then decay to 0) | "constant" (rise, then flat)
+    steps: int
+    warmup_ratio: float = 0.0
+
+    def __call__(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+        from transformers import get_constant_schedule_with_warmup, get_linear_schedule_with_warmup
+
+        warmup = math.ceil(self.warmup_ratio * self.steps)  # rounded up, as transformers' warmup_ratio is
+        if self.kind == "linear":
+            return get_linear_schedule_with_warmup(optimizer, warmup, max(self.steps, 1))
+        return get_constant_schedule_with_warmup(optimizer, warmup)
+
+
+CONSTANT = Schedule("constant", 0)
+
+
 class TorchEngine:
     """Plain torch with a DeepSpeed engine's surface: used when deepspeed.enabled is false."""
 
-    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float | None):
+    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float | None,
+                 schedule: Schedule = CONSTANT):
         self.module = module
         self.optimizer = optimizer
         self.grad_clip = grad_clip
+        self.lr_scheduler = schedule(optimizer)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.module(*args, **kwargs)
@@ -54,18 +80,23 @@ class TorchEngine:
         if self.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip)
         self.optimizer.step()
+        self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+
+    def get_lr(self) -> list[float]:
+        return [group["lr"] for group in self.optimizer.param_groups]
 
     # Same names and folder semantics as DeepSpeedEngine's, so checkpoints need not know which engine they hold.
     def save_checkpoint(self, save_dir: str, tag: str) -> None:
         Path(save_dir, tag).mkdir(parents=True, exist_ok=True)
-        torch.save({"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict()},
-                   Path(save_dir, tag, "engine.pt"))
+        torch.save({"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                    "lr_scheduler": self.lr_scheduler.state_dict()}, Path(save_dir, tag, "engine.pt"))
 
     def load_checkpoint(self, load_dir: str, tag: str) -> None:
         state = safe_load(Path(load_dir, tag, "engine.pt"))
         self.module.load_state_dict(state["module"])
         self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
 
 
 class UnsafeCheckpointError(RuntimeError):
@@ -185,6 +216,10 @@ def _read_user_config(config_path: str) -> dict[str, Any]:
         raise ConfigError(f"deepspeed.config_path: {config_path!r} is not valid JSON: {err}") from None
     if not isinstance(user, dict):
         raise ConfigError(f"deepspeed.config_path: {config_path!r} must hold a JSON object, got {type(user).__name__}")
+    if "scheduler" in user:
+        raise ConfigError(f"deepspeed.config_path: {config_path!r} sets a 'scheduler', but the trainer owns the "
+                          f"learning-rate schedule: remove it and set optim.schedule / optim.warmup_ratio (and "
+                          f"metadistil.teacher_schedule for the teachers)")
     for key in ("optimizer", "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
         user.pop(key, None)  # the trainer owns batch sizes and the optimizer
     return user
@@ -217,13 +252,13 @@ def _single_process_group_env() -> None:
 
 
 def wrap(module: nn.Module, lr: float, weight_decay: float, cfg: DeepSpeedConfig, batch_size: int,
-         grad_clip: float | None) -> Engine:
-    """An AdamW-trained engine for ``module``: DeepSpeed when enabled, else plain torch."""
+         grad_clip: float | None, schedule: Schedule = CONSTANT) -> Engine:
+    """An AdamW-trained engine for ``module`` whose learning rate follows ``schedule``: DeepSpeed when enabled, else
+    plain torch."""
     # fused: one kernel over all parameters; on CPU the default is a Python loop over tensors, ~2.7x slower here.
-    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=lr,
-                                  weight_decay=weight_decay, fused=True)
+    optimizer = torch.optim.AdamW(parameter_groups(module, weight_decay), lr=lr, fused=True)
     if not cfg.enabled:
-        return TorchEngine(module, optimizer, grad_clip)
+        return TorchEngine(module, optimizer, grad_clip, schedule)
     config = deepspeed_config(cfg, batch_size, grad_clip)  # a bad config_path fails before any process group exists
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     import deepspeed
@@ -231,5 +266,21 @@ def wrap(module: nn.Module, lr: float, weight_decay: float, cfg: DeepSpeedConfig
     if not torch.distributed.is_initialized():
         _single_process_group_env()
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-    engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, config=config)
+    # A callable: DeepSpeed builds the scheduler on its own optimizer, steps it with the engine and checkpoints it.
+    engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=schedule, config=config)
     return engine
+
+
+# Parameter names that are never decayed, besides everything inside a LayerNorm: transformers' Trainer's patterns.
+_NO_DECAY = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]
+
+
+def parameter_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: weight decay on weight matrices and embeddings, none on biases and normalisation weights."""
+    from transformers.trainer_pt_utils import get_parameter_names
+
+    decayed = set(get_parameter_names(module, [nn.LayerNorm], _NO_DECAY))
+    trainable = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for n, p in trainable if n in decayed], "weight_decay": weight_decay},
+              {"params": [p for n, p in trainable if n not in decayed], "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]

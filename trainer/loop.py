@@ -68,10 +68,7 @@ def _run(cfg: TrialConfig, log: Loggers, progress: bool, on_eval, checkpoint_dir
     log.log_metrics({**{f"data_{k}": v for k, v in trial.splits.sizes().items()}, **trial.sizes}, step=0)
     log.log_datasets(data_splits(cfg.data, trial.splits))
     student, splits = trial.engines["student"], trial.splits
-    steps_per_epoch = math.ceil(len(splits.train) / cfg.optim.batch_size)
-    warmup_steps = math.ceil(cfg.warmup.epochs * steps_per_epoch)
-    total = math.ceil(cfg.optim.epochs * steps_per_epoch)
-    total = min(total, cfg.optim.max_steps) if cfg.optim.max_steps else total
+    warmup_steps, total = trial.warmup_steps, trial.train_steps
 
     config_key = checkpoint.fingerprint(cfg)
     resumed = checkpoint.load(checkpoint_dir, trial.engines, config_key) if checkpoint_dir else None
@@ -119,13 +116,14 @@ def _train(algorithm, trial: Trial, steps: int, log: Loggers, progress: bool, ph
     stream = itertools.islice(batch_stream(len(train), cfg.optim.batch_size, stream_seed, steps), start, None)
     for step, (epoch, indices) in enumerate(stream, start=start):
         batch = trial.collate(train, shard(indices), epoch if noisy else None, with_teachers).to(trial.device)
+        lr = algorithm.student.get_lr()[0]  # the rate this step applies (the step then advances the schedule)
         with trial.timer(f"{phase}_step"):
             losses = algorithm.train_step(batch, step)
         bad = {k: v for k, v in losses.items() if not math.isfinite(v)}
         if bad:
             raise NonFiniteLossError(f"{phase} step {step}: loss {', '.join(f'{k}={v}' for k, v in bad.items())} "
                                      f"is not finite")
-        log.log_metrics({f"{phase}/{k}": v for k, v in losses.items()}, step=step)
+        log.log_metrics({**{f"{phase}/{k}": v for k, v in losses.items()}, f"{phase}/lr": lr}, step=step)
         bar.update()
         bar.set_postfix({k: f"{v:.4f}" for k, v in losses.items()}, refresh=False)
         if evaluate and ((step + 1) % cfg.eval.every_steps == 0 or step + 1 == steps):

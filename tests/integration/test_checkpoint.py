@@ -34,7 +34,8 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path, model_dirs, d
                      optim={"max_steps": 12}, eval={"every_steps": 4}, deepspeed=deepspeed,
                      output={"dir": str(tmp_path / out), "save_teachers": True})
 
-    reference = run_trial(cfg("whole"), progress=False)
+    whole = Recorder()
+    reference = run_trial(cfg("whole"), [whole], progress=False)
 
     ckpt = tmp_path / "ckpt"
     with pytest.raises(Crash):
@@ -45,6 +46,10 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path, model_dirs, d
 
     trained = [step for step, m in log.metrics if "train/kd" in m]
     assert trained == [8, 9, 10, 11], "the resumed trial must run only the steps after its checkpoint"
+    # The learning-rate schedule (linear decay by default) continues where it stopped.
+    lrs = {step: m["train/lr"] for step, m in whole.metrics if "train/lr" in m}
+    assert [m["train/lr"] for step, m in log.metrics if "train/lr" in m] == [lrs[s] for s in trained]
+    assert lrs[8] < lrs[0], "the schedule did not decay"
     assert not ckpt.exists(), "a finished trial removes its checkpoint"
     assert resumed.metrics["best_val_accuracy"] == reference.metrics["best_val_accuracy"]
     for part in ("student", "teacher_0", "teacher_1"):

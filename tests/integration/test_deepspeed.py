@@ -25,7 +25,7 @@ from trainer.algorithms import KD, FineTune, MetaDistil
 from trainer.config import (ConfigError, DeepSpeedConfig, DistillConfig, MetaDistilConfig, NoiseConfig,
                             parse_config)
 from trainer.data import Collator, synthetic_sentiment
-from trainer.engine import TorchEngine, deepspeed_config, wrap
+from trainer.engine import Schedule, TorchEngine, deepspeed_config, wrap
 from trainer.loop import run_trial
 
 deepspeed = pytest.importorskip("deepspeed")
@@ -86,10 +86,12 @@ def run_steps(setup, algorithm: str, ds: DeepSpeedConfig) -> dict:
     student = copy.deepcopy(base_student)
     teachers = [copy.deepcopy(t) for t in base_teachers]
     torch.manual_seed(0)
-    student_engine = wrap(student, LR, WEIGHT_DECAY, ds, BATCH, GRAD_CLIP)
+    # A decaying schedule: DeepSpeed must step it (and only on optimizer steps) exactly as the plain engine does.
+    schedule = Schedule("linear", 2 * STEPS)
+    student_engine = wrap(student, LR, WEIGHT_DECAY, ds, BATCH, GRAD_CLIP, schedule)
     engines = [student_engine]
     if algorithm == "metadistil":
-        teacher_engines = [wrap(t, META.teacher_lr, WEIGHT_DECAY, ds, BATCH, GRAD_CLIP) for t in teachers]
+        teacher_engines = [wrap(t, META.teacher_lr, WEIGHT_DECAY, ds, BATCH, GRAD_CLIP, schedule) for t in teachers]
         engines += teacher_engines
         algo = MetaDistil(student_engine, teacher_engines, DISTILL, META, quiz_batches=iter(quizzes))
     elif algorithm == "kd":
@@ -208,6 +210,7 @@ def test_user_config_reaches_the_engine(tmp_path):
     ({"zero_optimization": {"stage": 7}}, "zero_optimization.stage must be 0..3"),
     ({"zero_optimization": {"stage": 3}}, "deepspeed.zero_stage"),
     ({"bf16": {"enabled": True}}, "deepspeed.precision"),
+    ({"scheduler": {"type": "WarmupLR"}}, "optim.schedule"),
 ])
 def test_bad_user_config_names_the_key(tmp_path, content, message):
     cfg = DeepSpeedConfig(enabled=True, config_path=str(tmp_path / "missing.json")) if content is None \

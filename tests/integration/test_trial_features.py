@@ -60,11 +60,15 @@ def test_warmup_runs_the_requested_ce_steps_first(tmp_path, model_dirs):
                 data={"train_size": 320}, optim={"max_steps": 5})
     log = Recorder()
     result = run_trial(cfg, [log], progress=False)
-    kinds = [key for _, m in log.metrics for key in m if key.startswith(("warmup/", "train/"))]
+    kinds = [key for _, m in log.metrics for key in m if key.startswith(("warmup/", "train/"))
+             and not key.endswith("/lr")]
     first_kd = kinds.index("train/kd")
     assert kinds[:first_kd] == ["warmup/ce"] * 10
     assert kinds[first_kd:] == ["train/kd"] * 5
     assert result.metrics["warmup_steps"] == 10
+    # One linear schedule (the default) over the student's 15 optimizer steps, warm-up fine-tuning included.
+    lrs = [v for _, m in log.metrics for k, v in m.items() if k.endswith("/lr")]
+    assert lrs == pytest.approx([cfg.optim.lr * (15 - s) / 15 for s in range(15)])
 
 
 def test_two_teachers_with_different_tokenizers_are_averaged(model_dirs):
