@@ -22,7 +22,6 @@ from launcher.tracking import local_store, resolve_tracking
 from trainer.config import NoiseConfig, TrackingConfig, flatten
 from trainer.tokenized import prepare_token_caches
 
-
 # A multi-worker trial's own (Tune) process needs a non-zero CPU request; it is taken from its workers' share, so the
 # trial fits in exactly workers x resources.cpus (else 2 workers x 1 CPU never fit on a 2-CPU node beside it).
 DRIVER_CPU = 0.01
@@ -51,9 +50,10 @@ def trial_tags(plan: Plan, trial: Trial) -> dict[str, str]:
             "teacher_set": axes.get("teacher_set") or "none",
             "teachers": ",".join(spec.teachers[t].label or t for t in trial.teachers),
             "student": spec.students[axes["student"]].label or axes["student"],
-            "warmup": f"{axes['warmup']:g}", "noise": "off" if spec.noise.get(noise, NoiseConfig()) == NoiseConfig() else noise,
+            "warmup": f"{axes['warmup']:g}",
+            "noise": "off" if spec.noise.get(noise, NoiseConfig()) == NoiseConfig() else noise,
             "seed": str(axes["seed"])}
-    tags.update({k: str(v) for k, v in axes.items() if k not in tags and k not in ("teacher_set",)})
+    tags.update({k: str(v) for k, v in axes.items() if k not in tags and k != "teacher_set"})
     return tags
 
 
@@ -145,10 +145,11 @@ def _run_stage(plan: Plan, stage: str, trials: list[Trial], common: dict[str, An
                     "workers": t.workers, "cpus": spec.resources.cpus, "gpus": spec.resources.gpus,
                     "storage": storage, "sweep": spec.name, **common} for t in trials}
 
-    def resources(config: dict[str, Any]) -> dict[str, float]:
+    def resources(config: dict[str, Any]) -> tune.PlacementGroupFactory:
         if by_id[config["trial_id"]]["workers"] > 1:
-            return {"cpu": DRIVER_CPU}  # the trial only drives its Ray Train workers, which request the rest
-        return {"cpu": spec.resources.cpus, "gpu": spec.resources.gpus}
+            # the trial only drives its Ray Train workers, which request the rest
+            return tune.PlacementGroupFactory([{"CPU": DRIVER_CPU}])
+        return tune.PlacementGroupFactory([{"CPU": spec.resources.cpus, "GPU": spec.resources.gpus}])
 
     tuner = tune.Tuner(
         tune.with_resources(tune.with_parameters(tune_trial, params_by_id=by_id), resources),
@@ -159,7 +160,8 @@ def _run_stage(plan: Plan, stage: str, trials: list[Trial], common: dict[str, An
                                   failure_config=tune.FailureConfig(max_failures=spec.max_failures)),
     )
     results = tuner.fit()
-    return {r.config["trial_id"]: _root_cause(r.error) for r in results if r.error}
+    # ResultGrid iterates through __getitem__, which Python accepts and mypy does not
+    return {r.config["trial_id"]: _root_cause(r.error) for r in results if r.error}  # type: ignore[attr-defined]
 
 
 def _root_cause(error: BaseException) -> str:
@@ -194,7 +196,8 @@ def tune_trial(config: dict[str, Any], params_by_id: dict[str, dict[str, Any]]) 
             "CPU": p["cpus"] - DRIVER_CPU / p["workers"], **({"GPU": p["gpus"]} if p["gpus"] else {})}),
         torch_config=TorchConfig(backend="nccl" if p["gpus"] > 0 else "gloo"),
         run_config=RunConfig(name=f"{p['sweep']}-workers-{p['id']}"[:200], storage_path=p["storage"],
-                             callbacks=[TuneReportCallback()]),
+                             # ray.train's RunConfig is Ray Train V2's at runtime; mypy reads the V1 one
+                             callbacks=[TuneReportCallback()]),  # type: ignore[list-item]
     )
     trainer.fit()
 

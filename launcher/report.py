@@ -35,7 +35,7 @@ import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 
@@ -280,7 +280,7 @@ def _row(c: _Cell, reference: float | None) -> dict[str, Any]:
         "n_seeds": len(acc),
         "accuracy_mean": float(np.mean(acc)) if acc else None,
         "accuracy_std": float(np.std(acc, ddof=1)) if len(acc) > 1 else None,
-        "params": int(round(params)) if params is not None else None,
+        "params": round(params) if params is not None else None,
         "times_smaller": times,
         "failed_seeds": len(c.failed),
     }
@@ -305,11 +305,11 @@ def _reference_teacher_params(attempts: list[_Attempt]) -> float | None:
 
 
 def _common(values: list[float | None]) -> float | None:
-    values = [v for v in values if _finite(v)]
-    return float(np.median(values)) if values else None
+    finite = [v for v in values if _finite(v)]
+    return float(np.median(finite)) if finite else None
 
 
-def _finite(value: Any) -> bool:
+def _finite(value: Any) -> TypeGuard[float]:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
@@ -356,7 +356,7 @@ def _markdown(sweep: str, parent, rows: list[dict[str, Any]], failed: list[dict[
     meta.append(f"{n_trials} teacher and trial runs, {len(failed)} failed")
     lines += ["; ".join(meta) + ".", ""]
     if not rows:
-        return "\n".join(lines + ["No teacher or trial runs found under this sweep.", ""])
+        return "\n".join([*lines, "No teacher or trial runs found under this sweep.", ""])
     seeds = any(r["n_seeds"] > 1 or r["failed_seeds"] for r in rows)
     header = ["Methods", "Accuracy", "No. of Parameters", "Times Smaller"] + (["Seeds"] if seeds else [])
     lines += ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
@@ -418,7 +418,7 @@ def _write_png(path: Path, sweep: str, rows: list[dict[str, Any]]) -> None:
     low = max(0.0, math.floor(float(np.min(means - stds)) / 5) * 5 - 5)
     high = min(100.0, float(np.max(means + stds)) + 3)
     ax.set_xlim(low, max(high, low + 1))
-    for yi, m, s in zip(y, means, stds):
+    for yi, (m, s) in enumerate(zip(means, stds)):
         ax.text(m + s + 0.1, yi, f"{m:.2f}", va="center", fontsize=7)
     ax.set_xlabel("test accuracy (%)" + (f", axis from {low:g}" if low > 0 else "") + "; error bars: std over seeds")
     from matplotlib.patches import Patch

@@ -17,7 +17,7 @@ PREVIOUS_HASH = "metadistil.previous_config_hash"
 
 def git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False,
                              cwd=Path(__file__).parent)
     except (OSError, subprocess.TimeoutExpired):
         return None

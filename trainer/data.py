@@ -16,6 +16,8 @@ from trainer.tokenized import TokenCache
 
 _FORMATS = {".tsv": "csv", ".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 _SPLIT_NAMES = {"train": ("train",), "validation": ("validation", "dev", "valid", "val"), "test": ("test",)}
+# Example indices: a list, or a numpy array (permutations, index batches).
+Indices = Sequence[int] | np.ndarray
 
 
 @dataclass
@@ -26,7 +28,7 @@ class TextSet:
     def __len__(self) -> int:
         return len(self.texts)
 
-    def take(self, indices: Sequence[int]) -> TextSet:
+    def take(self, indices: Indices) -> TextSet:
         return TextSet([self.texts[i] for i in indices], [self.labels[i] for i in indices])
 
 
@@ -92,14 +94,14 @@ def all_texts(cfg: DataConfig) -> list[str]:
 def load_raw(cfg: DataConfig) -> dict[str, TextSet]:
     """The data source's own splits (train, validation, test where it has them), before any split is drawn."""
     if cfg.path is not None:
-        return _load_local(cfg)
+        return _load_local(cfg, Path(cfg.path))
     if cfg.name == "synthetic":
         return synthetic_sentiment(cfg.train_size + cfg.quiz_size + cfg.test_size, cfg.validation_size or 872)
     import datasets
 
     try:
         loaded = datasets.load_dataset(cfg.name, cfg.subset)
-    except Exception as err:  # the hub raises many types; the user needs the name and the cause
+    except Exception as err:  # noqa: BLE001 - the hub raises many types; the user needs the name and the cause
         raise ConfigError(f"data.name: could not load {cfg.name!r} from the Hugging Face hub ({err}); "
                           f"set data.path to a local labelled file or folder") from None
     return {split: _to_textset(ds, cfg, f"{cfg.name}:{split}") for split, ds in loaded.items()}
@@ -109,13 +111,12 @@ def read_labelled_file(path: str, text_column: str = "sentence", label_column: s
     """One labelled tsv/csv/jsonl/json/parquet file, whole (e.g. to score a saved student on unseen data)."""
     if not Path(path).is_file():
         raise ConfigError(f"data.path: {path!r} is not a file")
-    return _load_local(DataConfig(path=path, text_column=text_column, label_column=label_column))["train"]
+    return _load_local(DataConfig(path=path, text_column=text_column, label_column=label_column), Path(path))["train"]
 
 
-def _load_local(cfg: DataConfig) -> dict[str, TextSet]:
+def _load_local(cfg: DataConfig, path: Path) -> dict[str, TextSet]:
     import datasets
 
-    path = Path(cfg.path)
     if path.is_file():
         files = {"train": path}
     elif path.is_dir():
@@ -214,7 +215,7 @@ class Collator:
         return cls(student_tokenizer, teacher_tokenizers, max_length, noise, seed,
                    build_vocabulary(train.texts) if needs_vocab else (), token_cache)
 
-    def _noisy(self, data: TextSet, indices: Sequence[int], role: str, epoch: int | None) -> list[str]:
+    def _noisy(self, data: TextSet, indices: Indices, role: str, epoch: int | None) -> list[str]:
         side = getattr(self.noise, role)
         texts = [data.texts[i] for i in indices]
         if epoch is None or side.p <= 0:
@@ -231,7 +232,7 @@ class Collator:
         enc = tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
         return {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask")}
 
-    def __call__(self, data: TextSet, indices: Sequence[int], epoch: int | None = None,
+    def __call__(self, data: TextSet, indices: Indices, epoch: int | None = None,
                  with_teachers: bool = True) -> Batch:
         """epoch=None means no noise (evaluation)."""
         student_texts = self._noisy(data, indices, "student", epoch)

@@ -15,7 +15,7 @@ from trainer.data import Collator, load_splits
 from trainer.evaluation import accuracy
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-import heldout  # noqa: E402
+import heldout
 
 
 def make_plan(tmp_path, model_dir):

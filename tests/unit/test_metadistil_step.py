@@ -12,9 +12,8 @@ from torch.func import functional_call
 
 import tiny
 from trainer.algorithms import MetaDistil
-from trainer.config import DistillConfig, MetaDistilConfig
+from trainer.config import DistillConfig, MetaDistilConfig, NoiseConfig
 from trainer.data import Collator, synthetic_sentiment
-from trainer.config import NoiseConfig
 from trainer.engine import TorchEngine
 from trainer.losses import average_logits, cross_entropy, distillation_loss
 
@@ -43,7 +42,7 @@ def make_setup(tokenizers, n_teachers: int, dtype=torch.float64, dropout: float 
     data = synthetic_sentiment(12, 4)["train"]
     collate = Collator(tokenizers["wordpiece_cased"], [tokenizers[tok] for _, tok in builders[:n_teachers]],
                        max_length=32, noise=NoiseConfig(), seed=0)
-    return student, teachers, collate(data, range(0, 8)), collate(data, range(8, 12))
+    return student, teachers, collate(data, range(8)), collate(data, range(8, 12))
 
 
 def quiz_loss_of_teachers(student, teachers, batch, quiz, teacher_params):
@@ -178,7 +177,7 @@ def test_one_sided_difference_is_accurate_in_float32(tokenizers):
 def _spy_forward(monkeypatch, record):
     """Record (inputs, the module's training flag, flash attention allowed, the logits) for every functional forward
     of the meta step."""
-    import trainer.algorithms.metadistil as metadistil
+    from trainer.algorithms import metadistil
 
     forward = metadistil.forward
 
