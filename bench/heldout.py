@@ -25,11 +25,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from launcher.identity import of_plan, run_names, trial_id
-from launcher.spec import Plan, Trial, expand, load_spec
-from trainer.data import TextSet, load_raw, load_splits
-from trainer.evaluation import score_saved
-from trainer.models import pick_device
+from launcher.identity import of_plan, run_names, trial_id  # noqa: E402
+from launcher.spec import Plan, Trial, expand, load_spec  # noqa: E402
+from trainer.data import TextSet, load_raw, load_splits  # noqa: E402
+from trainer.evaluation import score_saved  # noqa: E402
+from trainer.models import pick_device  # noqa: E402
 
 
 def heldout_set(plan: Plan, size: int, seed: int = 0) -> TextSet:

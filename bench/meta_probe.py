@@ -2,8 +2,9 @@
 
     python bench/meta_probe.py configs/trial/metadistil.yaml teachers.0.name=FOLDER student.name=FOLDER --steps 20
 
-The trial is built by ``trainer.build.build_trial``, as ``metadistil train`` builds it, on CPU with DeepSpeed off (the
-probe reads the teachers' gradients, and the DeepSpeed path equals plain torch, see tests/integration/test_deepspeed.py).
+The trial is built by ``trainer.build.build_trial``, as ``metadistil train`` builds it, on CPU with DeepSpeed off
+(the probe reads the teachers' gradients, and the DeepSpeed path equals plain torch, see
+tests/integration/test_deepspeed.py).
 Then for each of ``--steps`` training batches, with the quiz batches the trial would draw:
 
   plain     L_q(θ)            the quiz loss of the student itself
@@ -27,6 +28,7 @@ import statistics
 import sys
 from contextlib import nullcontext
 from pathlib import Path
+from typing import cast
 
 import torch
 
@@ -34,13 +36,13 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from trainer.algorithms.metadistil import MetaDistil, forward, replay_rng, rng_state
-from trainer.build import build_trial
-from trainer.config import TrialConfig, load_config
-from trainer.engine import TorchEngine
-from trainer.evaluation import accuracy
-from trainer.loop import batch_stream
-from trainer.losses import cross_entropy
+from trainer.algorithms.metadistil import MetaDistil, forward, replay_rng, rng_state  # noqa: E402
+from trainer.build import build_trial  # noqa: E402
+from trainer.config import ConfigError, TrialConfig, load_config  # noqa: E402
+from trainer.engine import TorchEngine  # noqa: E402
+from trainer.evaluation import accuracy  # noqa: E402
+from trainer.loop import batch_stream  # noqa: E402
+from trainer.losses import cross_entropy  # noqa: E402
 
 COLUMNS = ("plain", "before", "after", "reversed", "random", "predicted")
 
@@ -54,7 +56,8 @@ class RecordingEngine(TorchEngine):
         self.grads: list[torch.Tensor] = []
 
     def step(self) -> None:
-        self.grads = [p.grad.detach().clone() for p in trainable(self.module)]
+        self.grads = [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()
+                      for p in trainable(self.module)]
         super().step()
 
 
@@ -99,7 +102,7 @@ def probe_step(algo: MetaDistil, batch, quiz, generator: torch.Generator) -> dic
     row = {"plain": pilot_quiz_loss(algo, theta, batch, quiz, 0.0, quiz_rng),
            "before": pilot_quiz_loss(algo, theta, batch, quiz, lr, quiz_rng)}
     algo.meta_step(batch, quiz)
-    seen = [t.grads for t in algo.teachers]
+    seen = [cast(RecordingEngine, t).grads for t in algo.teachers]  # run() wrapped them
     phi1 = [[p.detach().clone() for p in trainable(t.module)] for t in algo.teachers]
     deltas = [[b - a for a, b in zip(before, after)] for before, after in zip(phi0, phi1)]
     flat = [d for ds in deltas for d in ds]
@@ -125,8 +128,10 @@ def run(cfg: TrialConfig, steps: int, seed: int = 0, evaluate_teachers: bool = T
     cfg = cfg.model_copy(update={"deepspeed": cfg.deepspeed.model_copy(update={"enabled": False})})
     trial = build_trial(cfg, torch.device("cpu"))
     trial.engines.update({name: RecordingEngine(engine) for name, engine in trial.engines.items()
-                          if name.startswith("teacher_")})
+                          if name.startswith("teacher_") and isinstance(engine, TorchEngine)})  # DeepSpeed is off
     algo = trial.algorithm()
+    if not isinstance(algo, MetaDistil):
+        raise ConfigError(f"algorithm: the probe needs a metadistil trial, the config says {cfg.algorithm!r}")
     splits = trial.splits
     generator = torch.Generator().manual_seed(seed)
 

@@ -233,7 +233,7 @@ def run_timing(args, shape: Shape, variants: list[Variant], workdir: Path) -> di
     import torch
 
     quiz = quiz_batches_for(shape, variants, args.seed)
-    state = {}
+    state: dict = {}  # a dict per variant, and "_interrupted" when Ctrl-C cut the rounds short
     for v in variants:
         trial, algo = build_variant(args, shape, v, workdir, quiz)
         batches = [b.to(trial.device) for b in make_batches(shape, 4, shape.batch, args.seed + 100, True)]
@@ -356,7 +356,8 @@ def measure_and_report(args, shape: Shape, variants: list[Variant], workdir: Pat
               "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
               "repeats": args.repeats, "warmup": args.warmup, "argv": sys.argv[1:]}
     say(f"torch {torch.__version__}, transformers {transformers.__version__}, threads {torch.get_num_threads()}, "
-        f"{header['device']}, {args.precision}, {'pretrained all-MiniLM-L6-v2' if args.pretrained else 'random weights'}"
+        f"{header['device']}, {args.precision}, "
+        f"{'pretrained all-MiniLM-L6-v2' if args.pretrained else 'random weights'}"
         f"; timing {len(variants)} variants x ({args.warmup} warm-up + {4 * args.repeats} timed rounds)")
     if not args.no_memory and args.device == "cuda":
         memory = measure_gpu_memory(args, shape, [v for v in variants if v.name in memory_names], workdir)

@@ -93,8 +93,8 @@ def _sweep(args: argparse.Namespace) -> int:
 def format_plan(plan) -> str:
     from launcher.driver import teacher_cached
 
-    lines = [f"sweep {plan.spec.name}: {len(plan.teacher_trials)} teacher fine-tuning trials, {len(plan.trials)} "
-             f"trials, {len(plan.dropped)} combinations dropped (config hash {plan.config_hash})"]
+    lines = [(f"sweep {plan.spec.name}: {len(plan.teacher_trials)} teacher fine-tuning trials, {len(plan.trials)} "
+              f"trials, {len(plan.dropped)} combinations dropped (config hash {plan.config_hash})")]
     for t in plan.teacher_trials.values():
         state = "cached" if teacher_cached(t) else "to fine-tune"
         lines.append(f"  teacher  {t.id:<40} {t.config.student.name} -> {t.config.output.dir} ({state})")

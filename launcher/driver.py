@@ -12,6 +12,7 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -140,16 +141,17 @@ def _run_stage(plan: Plan, stage: str, trials: list[Trial], common: dict[str, An
                     "workers": t.workers, "cpus": spec.resources.cpus, "gpus": spec.resources.gpus,
                     "storage": storage, "sweep": spec.name, **common} for t in trials}
 
-    def resources(config: dict[str, Any]) -> dict[str, float]:
+    def resources(config: dict[str, Any]) -> tune.PlacementGroupFactory:
         if by_id[config["trial_id"]]["workers"] > 1:
-            return {"cpu": DRIVER_CPU}  # the trial only drives its Ray Train workers, which request the rest
-        return {"cpu": spec.resources.cpus, "gpu": spec.resources.gpus}
+            # the trial only drives its Ray Train workers, which request the rest
+            return tune.PlacementGroupFactory([{"CPU": DRIVER_CPU}])
+        return tune.PlacementGroupFactory([{"CPU": spec.resources.cpus, "GPU": spec.resources.gpus}])
 
     # The trial's axes come along with its id (resolved from it, so the grid stays one value per trial) for the
     # status table's columns. Tune's newer console infers its columns and ignores a reporter; its classic one
     # (RAY_AIR_NEW_OUTPUT=0) shows the columns asked for.
     columns = {tid: _console_columns(p["tags"]) for tid, p in by_id.items()}
-    axes = {c: tune.sample_from(lambda config, c=c: columns[config["trial_id"]][c]) for c in CONSOLE_COLUMNS}
+    axes = {c: tune.sample_from(partial(_column_of, columns, c)) for c in CONSOLE_COLUMNS}
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     # Ctrl+C stops the sweep (KeyboardInterrupt; the CLI then stops its Ray), not only this stage, after which the
     # driver would carry on with the next stage and count the interrupted trials as run
@@ -166,7 +168,12 @@ def _run_stage(plan: Plan, stage: str, trials: list[Trial], common: dict[str, An
                                   failure_config=tune.FailureConfig(max_failures=spec.max_failures)),
     )
     results = tuner.fit()
-    return {r.config["trial_id"]: _root_cause(r.error) for r in results if r.error}
+    # ResultGrid iterates through __getitem__, which Python accepts and mypy does not
+    return {r.config["trial_id"]: _root_cause(r.error) for r in results if r.error}  # type: ignore[attr-defined]
+
+
+def _column_of(columns: dict[str, dict[str, str]], column: str, config: dict[str, Any]) -> str:
+    return columns[config["trial_id"]][column]
 
 
 def _console_columns(tags: dict[str, str]) -> dict[str, str]:
@@ -207,7 +214,8 @@ def tune_trial(config: dict[str, Any], params_by_id: dict[str, dict[str, Any]]) 
             "CPU": p["cpus"] - DRIVER_CPU / p["workers"], **({"GPU": p["gpus"]} if p["gpus"] else {})}),
         torch_config=TorchConfig(backend="nccl" if p["gpus"] > 0 else "gloo"),
         run_config=RunConfig(name=f"{p['sweep']}-workers-{p['id']}"[:200], storage_path=p["storage"],
-                             callbacks=[TuneReportCallback()]),
+                             # ray.train's RunConfig is Ray Train V2's at runtime; mypy reads the V1 one
+                             callbacks=[TuneReportCallback()]),  # type: ignore[list-item]
     )
     trainer.fit()
 

@@ -170,7 +170,7 @@ def _fit(parts: list[str], limit: int) -> str:
 
 def _extra_of_id(tid: str) -> tuple[tuple[str, str], ...]:
     """grid.extra values of a run logged before they were tags: the ``key=value`` parts of its trial id."""
-    return tuple(sorted(tuple(p.split("=", 1)) for p in tid.split("__") if "=" in p))
+    return tuple(sorted((key, value) for key, _, value in (p.partition("=") for p in tid.split("__") if "=" in p)))
 
 
 def _number_text(value: float) -> str:

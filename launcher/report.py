@@ -3,8 +3,8 @@
 ``build_report`` finds the sweep's parent run (the most recent run tagged ``metadistil.sweep`` = NAME and
 ``metadistil.role`` = ``sweep``), reads its child runs (``metadistil.role`` = ``teacher`` or ``trial``), groups them
 into cells (block, algorithm, teacher set, student, warm-up, noise, plus any grid.extra keys: the identity that
-``launcher.identity`` reads from the runs' tags) and averages the cells over seeds. It writes ``report.md``, ``report.csv`` and ``report.png`` to ``out_dir`` and, with
-``attach``, logs them to the parent run under ``report/``.
+``launcher.identity`` reads from the runs' tags) and averages the cells over seeds. It writes ``report.md``,
+``report.csv`` and ``report.png`` to ``out_dir`` and, with ``attach``, logs them to the parent run under ``report/``.
 
 Blocks, in the report's order (empty ones are skipped):
 
@@ -34,7 +34,7 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 
@@ -314,11 +314,11 @@ def _reference_teacher_params(attempts: list[_Attempt]) -> float | None:
 
 
 def _common(values: list[float | None]) -> float | None:
-    values = [v for v in values if _finite(v)]
-    return float(np.median(values)) if values else None
+    finite = [v for v in values if _finite(v)]
+    return float(np.median(finite)) if finite else None
 
 
-def _finite(value: Any) -> bool:
+def _finite(value: Any) -> TypeGuard[float]:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
@@ -358,7 +358,7 @@ def _markdown(sweep: str, parent, rows: list[dict[str, Any]], failed: list[dict[
     meta.append(f"{n_trials} teacher and trial runs, {len(failed)} failed")
     lines += ["; ".join(meta) + ".", ""]
     if not rows:
-        return "\n".join(lines + ["No teacher or trial runs found under this sweep.", ""])
+        return "\n".join([*lines, "No teacher or trial runs found under this sweep.", ""])
     seeds = any(r["n_seeds"] > 1 or r["failed_seeds"] for r in rows)
     header = ["Methods", "Accuracy", "No. of Parameters", "Times Smaller"] + (["Seeds"] if seeds else [])
     lines += ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
@@ -430,7 +430,7 @@ def chart(sweep: str, rows: list[dict[str, Any]]):
     low = max(0.0, math.floor(float(np.min(means - stds)) / 5) * 5 - 5)
     high = min(100.0, float(np.max(means + stds)) + 3)
     ax.set_xlim(low, max(high, low + 1))
-    for yi, m, s in zip(y, means, stds):
+    for yi, (m, s) in enumerate(zip(means, stds)):
         ax.text(m + s + 0.1, yi, f"{m:.2f}", va="center", fontsize=7)
     ax.set_xlabel("test accuracy (%)" + (f", axis from {low:g}" if low > 0 else "")
                   + ("; error bars: std over seeds" if spread else ""))

@@ -193,6 +193,6 @@ def _register_student(client, exp: str, run, name: str, sweep: str) -> str | Non
         name, source=student.artifact_location, run_id=run_id, model_id=student.model_id,
         tags={TRIAL_ID: trial, "best_val_accuracy": f"{metrics['best_val_accuracy']:.4f}",
               "test_accuracy": f"{metrics.get('test_accuracy', float('nan')):.4f}", SWEEP: sweep}).version
-    linked = json.loads(student.tags.get(MLFLOW_MODEL_VERSIONS, "[]")) + [{"name": name, "version": str(version)}]
+    linked = [*json.loads(student.tags.get(MLFLOW_MODEL_VERSIONS, "[]")), {"name": name, "version": str(version)}]
     client.set_logged_model_tags(student.model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(linked)})
     return str(version)

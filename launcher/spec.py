@@ -13,15 +13,34 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import ErrorDetails
 
 from launcher.identity import trial_id
-from launcher.spec_checks import (NAME, check_extra_axes, check_folder_part, check_names, check_no_repeats,
-                                  check_outputs_inside, check_storage, refuse_storage_uri, warn_unmatched_excludes)
-from trainer.config import (ALGORITHMS, ConfigError, NoiseConfig, StudentConfig, TrialConfig, apply_overrides, digest,
-                            parse_config)
+from launcher.spec_checks import (
+    NAME,
+    check_extra_axes,
+    check_folder_part,
+    check_names,
+    check_no_repeats,
+    check_outputs_inside,
+    check_storage,
+    refuse_storage_uri,
+    warn_unmatched_excludes,
+)
+from trainer.config import (
+    ALGORITHMS,
+    Algorithm,
+    ConfigError,
+    NoiseConfig,
+    StudentConfig,
+    TrialConfig,
+    apply_overrides,
+    digest,
+    parse_config,
+)
 from trainer.distributed import check_workers
 from trainer.strict_yaml import read_yaml
 
@@ -57,7 +76,7 @@ class TeacherRecipe(_Section):
 
 
 class GridSpec(_Section):
-    algorithm: list[Literal[ALGORITHMS]] = Field(list(ALGORITHMS), min_length=1, description="Algorithms.")
+    algorithm: list[Algorithm] = Field(list(ALGORITHMS), min_length=1, description="Algorithms.")
     teacher_set: list[str] | None = Field(None, min_length=1, description="Teacher-set names; null = all of "
                                           "teacher_sets.")
     student: list[str] | None = Field(None, min_length=1, description="Student names; null = all of students.")
@@ -71,19 +90,23 @@ class GridSpec(_Section):
         default_factory=dict, description="Any other dotted trial key and its values.")
 
 
+# The default of a field that may be left out but not given as null: not validated, so None is safe; typed Any to say so
+NOT_GIVEN: Any = None
+
+
 class Combination(BaseModel):
     """An include item or exclude pattern: axis values (typed as the grid's) and values of grid.extra keys."""
 
     model_config = ConfigDict(extra="allow")
 
     # None defaults mean "not given" (include: the grid's first value; exclude: any); a given null is refused
-    algorithm: Literal[ALGORITHMS] = None
+    algorithm: Algorithm = NOT_GIVEN
     teacher_set: str | None = None  # null: no teachers (finetune)
-    student: str = None
-    warmup: float = Field(None, ge=0)
-    noise: str = None
-    seed: int = Field(None, ge=0)
-    workers: int = Field(None, ge=1)
+    student: str = NOT_GIVEN
+    warmup: float = Field(NOT_GIVEN, ge=0)
+    noise: str = NOT_GIVEN
+    seed: int = Field(NOT_GIVEN, ge=0)
+    workers: int = Field(NOT_GIVEN, ge=1)
 
     def axes(self) -> dict[str, Any]:
         return self.model_dump(exclude_unset=True)
@@ -153,13 +176,13 @@ class SweepSpec(_Section):
 
     def _check_combinations(self) -> None:
         for kind, combos in (("include", self.include), ("exclude", self.exclude)):
-            for i, combo in enumerate(combos):
-                unknown = [k for k in combo.axes() if k not in AXES and k not in self.grid.extra]
+            for i, item in enumerate(combos):
+                unknown = [k for k in item.axes() if k not in AXES and k not in self.grid.extra]
                 if unknown:
                     raise ValueError(f"{kind}.{i}: unknown axes {unknown} (axes: {', '.join(AXES)}, and the keys "
                                      "of grid.extra)")
-        defined = {"teacher_set": self.teacher_sets, "student": self.students,
-                   "noise": dict.fromkeys([*self.noise, _off_name(self)])}
+        defined: dict[str, dict[str, Any]] = {"teacher_set": self.teacher_sets, "student": self.students,
+                                              "noise": dict.fromkeys([*self.noise, _off_name(self)])}
         for i, combo in enumerate(c.axes() for c in self.include):
             for axis, names in defined.items():
                 if combo.get(axis) is not None and combo[axis] not in names:
@@ -229,7 +252,7 @@ def _read_base(spec_path: Path, base: str) -> dict[str, Any]:
     return read_yaml(base_path) or {}
 
 
-def _error_line(error: dict[str, Any]) -> str:
+def _error_line(error: ErrorDetails) -> str:
     key = ".".join(map(str, error["loc"]))
     message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "value_error" and not key:
@@ -256,18 +279,19 @@ def expand(spec: SweepSpec, base: dict[str, Any]) -> Plan:
                       for name, recipe in spec.teachers.items() if recipe.finetune}
     g = spec.grid
     # a finetune-only spec needs no teacher set: its one teacher_set value is none
-    axes_values = {"algorithm": g.algorithm, "teacher_set": g.teacher_set or list(spec.teacher_sets) or [None],
-                   "student": g.student or list(spec.students), "warmup": g.warmup,
-                   "noise": g.noise or [_off_name(spec)], "seed": g.seed,
-                   "workers": g.workers or [spec.resources.workers], **g.extra}
+    axes_values: dict[str, list[Any]] = {
+        "algorithm": g.algorithm, "teacher_set": g.teacher_set or list(spec.teacher_sets) or [None],
+        "student": g.student or list(spec.students), "warmup": g.warmup,
+        "noise": g.noise or [_off_name(spec)], "seed": g.seed,
+        "workers": g.workers or [spec.resources.workers], **g.extra}
     grid = [dict(zip(axes_values, values)) for values in itertools.product(*axes_values.values())]
     included = [c for c in (item.axes() for item in spec.include) if c not in grid]
     patterns = [item.axes() for item in spec.exclude]
     matched: set[int] = set()
     trials: dict[str, Trial] = {}
     dropped: list[tuple[dict[str, Any], str]] = []
-    for combo, explicit in [(c, False) for c in grid] + [(c, True) for c in included]:
-        combo = _normalise({**{axis: values[0] for axis, values in axes_values.items()}, **combo}, spec)
+    for given, explicit in [(c, False) for c in grid] + [(c, True) for c in included]:
+        combo = _normalise({**{axis: values[0] for axis, values in axes_values.items()}, **given}, spec)
         # an explicit include wins over exclude patterns
         hits = [] if explicit else [i for i, pattern in enumerate(patterns) if _matches(combo, pattern)]
         matched.update(hits)
@@ -339,6 +363,7 @@ def _teacher_model(name: str, recipe: TeacherRecipe, teacher_trials: dict[str, T
 
 def _teacher_trial(name: str, recipe: TeacherRecipe, base: dict[str, Any], storage: Path, workers: int) -> Trial:
     ft = recipe.finetune
+    assert ft is not None, "expand() passes only recipes with finetune"
     raw = apply_overrides(base, [])
     for key in ("teachers", "warmup", "noise", "metadistil", "distill"):
         raw.pop(key, None)

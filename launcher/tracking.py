@@ -18,7 +18,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 from trainer.config import ConfigError, TrialConfig
@@ -61,6 +61,10 @@ def local_store() -> str:
     return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
+@overload
+def resolve_tracking(configured: str | None, experiment: str, default: str) -> Tracking: ...
+@overload
+def resolve_tracking(configured: str | None, experiment: str, default: None) -> Tracking | None: ...
 def resolve_tracking(configured: str | None, experiment: str, default: str | None) -> Tracking | None:
     """Where train, sweep and report log or read: ``configured`` (the config's ``tracking.mlflow_uri``, or report's
     ``--tracking-uri``) > ``MLFLOW_TRACKING_URI`` > the command's ``default``; None when all are unset (a trial without
@@ -156,7 +160,9 @@ def client(uri: str):
     userinfo, at, _ = urlsplit(uri).netloc.rpartition("@")
     if not at or not uri.startswith(("http://", "https://")):
         return MlflowClient(uri)
-    os.environ[_USER], os.environ[_PASSWORD] = _credentials(uri)
+    user, password = _credentials(uri)
+    if user is not None:  # always: the URI has a user part (the check is for the type)
+        os.environ[_USER], os.environ[_PASSWORD] = user, password
     scheme, _, rest = uri.partition("://")
     return MlflowClient(f"{scheme}://{rest[len(userinfo) + 1:]}")
 

@@ -6,16 +6,24 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-from transformers import (BertConfig, BertForSequenceClassification, BertTokenizerFast, DistilBertConfig,
-                          DistilBertForSequenceClassification, PreTrainedTokenizerFast, RobertaConfig,
-                          RobertaForSequenceClassification, RobertaTokenizerFast)
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    BertTokenizerFast,
+    DistilBertConfig,
+    DistilBertForSequenceClassification,
+    PreTrainedTokenizerFast,
+    RobertaConfig,
+    RobertaForSequenceClassification,
+    RobertaTokenizerFast,
+)
 
 from trainer.data import synthetic_sentiment
 
 
 def corpus() -> list[str]:
     data = synthetic_sentiment(400, 50)
-    return data["train"].texts + ["an unrelated sentence with other words , punctuation and UNKNOWN tokens !"]
+    return [*data["train"].texts, "an unrelated sentence with other words , punctuation and UNKNOWN tokens !"]
 
 
 def wordpiece_tokenizer(folder: Path, vocab_size: int = 300, lowercase: bool = True) -> BertTokenizerFast:
@@ -47,7 +55,7 @@ def bpe_tokenizer(folder: Path, vocab_size: int = 400) -> RobertaTokenizerFast:
 
 
 def _common(tokenizer: PreTrainedTokenizerFast) -> dict:
-    return dict(vocab_size=len(tokenizer), num_labels=2, pad_token_id=tokenizer.pad_token_id)
+    return {"vocab_size": len(tokenizer), "num_labels": 2, "pad_token_id": tokenizer.pad_token_id}
 
 
 def tiny_bert(tokenizer, hidden: int = 32, layers: int = 2, dropout: float = 0.0, seed: int = 0,

@@ -11,7 +11,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -19,7 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from trainer.errors import ConfigError
 from trainer.strict_yaml import StrictLoader, read_yaml
 
-ALGORITHMS = ("finetune", "kd", "metadistil")
+Algorithm = Literal["finetune", "kd", "metadistil"]
+ALGORITHMS: tuple[Algorithm, ...] = get_args(Algorithm)
 
 
 class _Section(BaseModel):
@@ -35,8 +36,8 @@ class DataConfig(_Section):
     text_column: str = Field("sentence", description="Column holding the text.")
     label_column: str = Field("label", description="Column holding integer class labels 0..num_labels-1.")
     train_size: int = Field(30_000, ge=1, description="Training examples drawn from the train split.")
-    quiz_size: int = Field(100, ge=1, description="Held-out quiz examples (MetaDistil's meta objective), drawn from the "
-                           "train split, disjoint from train and test.")
+    quiz_size: int = Field(100, ge=1, description="Held-out quiz examples (MetaDistil's meta objective), drawn from "
+                           "the train split, disjoint from train and test.")
     validation_size: int | None = Field(None, ge=1, description="Validation examples; null keeps the whole split. "
                                         "Required when the data has no validation split (a single local file): "
                                         "validation is then carved from train, disjoint from train, quiz and test.")
@@ -162,9 +163,9 @@ class DeepSpeedConfig(_Section):
     enabled: bool = Field(True, description="Wrap the student and trainable teachers with deepspeed.initialize.")
     zero_stage: int = Field(0, ge=0, le=3, description="ZeRO stage; 3 is refused for metadistil (its meta step "
                             "needs whole parameters).")
-    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Training precision; fp16 needs a GPU "
-                                                       "and is refused for metadistil. Under bf16 the meta step keeps "
-                                                       "fp32 weights and computes in bf16 (autocast), its quiz in fp32.")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="Training precision; fp16 needs a GPU and is refused for metadistil. Under bf16 the meta "
+        "step keeps fp32 weights and computes in bf16 (autocast), its quiz in fp32.")
     config_path: str | None = Field(None, description="A DeepSpeed JSON file merged over the generated config "
                                     "(batch sizes and the optimizer stay the trainer's).")
 
@@ -190,7 +191,7 @@ class TrialConfig(_Section):
     # ge=0: numpy's SeedSequence (splits, batch order, noise) rejects negative seeds deep inside a run.
     seed: int = Field(42, ge=0, description="Seed of model heads, batch order, dropout, noise and (by default) the "
                       "splits.")
-    algorithm: Literal[ALGORITHMS] = Field("metadistil", description="finetune | kd | metadistil.")
+    algorithm: Algorithm = Field("metadistil", description="finetune | kd | metadistil.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' picks cuda when available.")
     data: DataConfig = Field(default_factory=DataConfig, description="Dataset and splits.")
     student: StudentConfig = Field(default_factory=StudentConfig, description="The model being trained.")
@@ -395,8 +396,8 @@ def explain(model: type[BaseModel] = TrialConfig, prefix: str = "") -> list[str]
     for name, field in model.model_fields.items():
         key = f"{prefix}{name}"
         ann = field.annotation
-        sub = next((c for c in (ann, *getattr(ann, "__args__", ())) if isinstance(c, type) and issubclass(c, BaseModel)),
-                   None)
+        sub = next((c for c in (ann, *getattr(ann, "__args__", ()))
+                    if isinstance(c, type) and issubclass(c, BaseModel)), None)
         if sub is not None and name != "teachers":
             lines.append(f"{key}: {field.description}")
             lines.extend(explain(sub, f"{key}."))

@@ -21,6 +21,8 @@ if TYPE_CHECKING:
     import torch
 
 _SPLIT_NAMES = {"train": ("train",), "validation": ("validation", "dev", "valid", "val"), "test": ("test",)}
+# Example indices: a list, or a numpy array (permutations, index batches).
+Indices = Sequence[int] | np.ndarray
 
 
 @dataclass
@@ -118,7 +120,7 @@ def load_raw(cfg: DataConfig) -> dict[str, TextSet]:
 
     try:
         loaded = datasets.load_dataset(cfg.name, cfg.subset)
-    except Exception as err:  # the hub raises many types; the user needs the name and the cause
+    except Exception as err:  # noqa: BLE001 - the hub raises many types; the user needs the name and the cause
         raise ConfigError(f"data.name: could not load {cfg.name!r} from the Hugging Face hub "
                           f"({' '.join(str(err).split())}); set data.path to a local labelled file or folder") from None
     return {split: _to_textset(ds, cfg, f"{cfg.name}:{split}") for split, ds in loaded.items()}
@@ -215,7 +217,7 @@ class Collator:
         return cls(student_tokenizer, teacher_tokenizers, max_length, noise, seed,
                    build_vocabulary(train.texts) if needs_vocab else (), token_cache)
 
-    def _noisy(self, data: TextSet, indices: Sequence[int], role: str, epoch: int | None) -> list[str]:
+    def _noisy(self, data: TextSet, indices: Indices, role: str, epoch: int | None) -> list[str]:
         side = getattr(self.noise, role)
         texts = [data.texts[i] for i in indices]
         if epoch is None or side.p <= 0:
@@ -232,7 +234,7 @@ class Collator:
         enc = tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
         return {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask")}
 
-    def __call__(self, data: TextSet, indices: Sequence[int], epoch: int | None = None,
+    def __call__(self, data: TextSet, indices: Indices, epoch: int | None = None,
                  with_teachers: bool = True) -> Batch:
         """epoch=None means no noise (evaluation)."""
         student_texts = self._noisy(data, indices, "student", epoch)

@@ -13,7 +13,7 @@ import csv
 import io
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,7 @@ class TextSet:
     def __len__(self) -> int:
         return len(self.texts)
 
-    def take(self, indices: Sequence[int]) -> TextSet:
+    def take(self, indices: Collection[int]) -> TextSet:
         return TextSet([self.texts[i] for i in indices], [self.labels[i] for i in indices])
 
 
@@ -131,7 +131,7 @@ def _text_records(file: Path, keys: Keys) -> tuple[list[str], list[tuple[str, di
 
 def _delimited(text: str, file: Path, keys: Keys) -> tuple[list[str], list[tuple[str, dict]]]:
     # tsv without quote handling: sentences hold unbalanced " characters (GLUE's files are written this way)
-    options = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if file.suffix == ".tsv" else {}
+    options: dict[str, Any] = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if file.suffix == ".tsv" else {}
     reader = csv.reader(io.StringIO(text, newline=""), **options)
     try:
         header = next(reader, [])

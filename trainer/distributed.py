@@ -38,7 +38,7 @@ def shard(indices: np.ndarray) -> np.ndarray:
 
 def average(tensors: Sequence[torch.Tensor]) -> None:
     """Average tensors in place across workers."""
-    rank, size = world()
+    _, size = world()
     if size == 1:
         return
     for t in tensors:

@@ -125,18 +125,19 @@ def load_checkpoint(engine: Engine, load_dir: str, tag: str) -> None:
     if isinstance(engine, TorchEngine):
         engine.load_checkpoint(load_dir, tag)
         return
-    if engine.load_universal_checkpoint():
+    ds: Any = engine  # a DeepSpeedEngine: its universal flag and checkpoint engine are no part of Engine
+    if ds.load_universal_checkpoint():
         raise ConfigError("deepspeed.config_path: checkpoint.load_universal is not supported: DeepSpeed reads "
                           "universal checkpoints with an unrestricted torch.load")
     # DeepSpeed (0.19.8) has no option for how load_checkpoint reads files: it reads every file of a (non-universal)
     # checkpoint through engine.checkpoint_engine.load, whose torch.load has weights_only=False. The safe reader
     # stands in for this one load; saves keep the configured checkpoint engine.
-    configured = engine.checkpoint_engine
-    engine.checkpoint_engine = _SafeDeepSpeedReader()
+    configured = ds.checkpoint_engine
+    ds.checkpoint_engine = _SafeDeepSpeedReader()
     try:
-        engine.load_checkpoint(load_dir, tag=tag)
+        ds.load_checkpoint(load_dir, tag=tag)
     finally:
-        engine.checkpoint_engine = configured
+        ds.checkpoint_engine = configured
 
 
 class _SafeDeepSpeedReader:
@@ -163,10 +164,11 @@ def apply_gradients(engine: Engine, grads: Sequence[torch.Tensor]) -> None:
     params = [p for p in engine.module.parameters() if p.requires_grad]
     if isinstance(engine, TorchEngine):  # no hooks to feed: accumulate directly, a backward pass cheaper
         for p, g in zip(params, grads, strict=True):
-            g = g.detach().to(p.dtype)
-            p.grad = g if p.grad is None else p.grad.add_(g)
+            grad = g.detach().to(p.dtype)
+            p.grad = grad if p.grad is None else p.grad.add_(grad)
         return
     surrogate = sum((p * g.detach().to(p.dtype)).sum() for p, g in zip(params, grads, strict=True))
+    assert isinstance(surrogate, torch.Tensor), "sum's start value 0: the engine has no trainable parameters"
     engine.backward(surrogate)
 
 

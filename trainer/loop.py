@@ -9,10 +9,11 @@ import itertools
 import json
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import torch
@@ -31,6 +32,9 @@ from trainer.preflight import check_trial
 
 _CONTEXTS = {"train": "training", "quiz": "quiz", "validation": "validation", "test": "testing"}
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
 
 class NonFiniteLossError(RuntimeError):
     """A loss became NaN or infinite; the message says at which step and which loss."""
@@ -42,7 +46,7 @@ class TrialResult:
     output_dir: Path
 
 
-def run_trial(cfg: TrialConfig, loggers: list[Logger] | None = None, progress: bool = True,
+def run_trial(cfg: TrialConfig, loggers: Sequence[Logger] | None = None, progress: bool = True,
               on_eval=None, checkpoint_dir: Path | None = None, name: str | None = None) -> TrialResult:
     """Train and evaluate one trial.
 
@@ -81,7 +85,8 @@ def _run(cfg: TrialConfig, log: Loggers, progress: bool, on_eval, checkpoint_dir
                with_teachers=False)
 
     algorithm = trial.algorithm(start)
-    save = partial(checkpoint.save, checkpoint_dir, engines=trial.engines, config=config_key) if checkpoint_dir else None
+    save = (partial(checkpoint.save, checkpoint_dir, engines=trial.engines, config=config_key)
+            if checkpoint_dir else None)
     evaluate = partial(accuracy, student.module, splits.validation, trial.collate, cfg.eval.batch_size, trial.device)
     best = _train(algorithm, trial, total, log, progress, phase="train", stream_seed=cfg.seed,
                   with_teachers=cfg.algorithm != "finetune", evaluate=evaluate, on_eval=on_eval, start=start,
@@ -155,11 +160,12 @@ def batch_stream(n: int, batch_size: int, seed: int, steps: int) -> Iterator[tup
 def _save(trial: Trial, algorithm, metrics: dict, log: Loggers) -> None:
     out = Path(trial.cfg.output.dir)
     out.mkdir(parents=True, exist_ok=True)
-    trial.engines["student"].module.save_pretrained(out / "student")
+    # engines wrap the Hugging Face models that build_trial loaded
+    cast("PreTrainedModel", trial.engines["student"].module).save_pretrained(out / "student")
     trial.student.tokenizer.save_pretrained(out / "student")
     if trial.cfg.output.save_teachers and isinstance(algorithm, MetaDistil):
         for i, (engine, loaded) in enumerate(zip(algorithm.teachers, trial.teachers)):
-            engine.module.save_pretrained(out / f"teacher_{i}")
+            cast("PreTrainedModel", engine.module).save_pretrained(out / f"teacher_{i}")
             loaded.tokenizer.save_pretrained(out / f"teacher_{i}")
     (out / "config.yaml").write_text(yaml.safe_dump(trial.cfg.model_dump(mode="json"), sort_keys=False))
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))

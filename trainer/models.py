@@ -7,6 +7,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -14,13 +15,16 @@ from torch import nn
 from trainer.config import ConfigError, ModelConfig
 from trainer.preflight import one_line, resolve_name
 
+if TYPE_CHECKING:  # transformers takes seconds to import: loaded where a model is
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
 _LAYER_KEY = re.compile(r"\.layer\.(\d+)\.")
 
 
 @dataclass
 class Loaded:
-    model: nn.Module
-    tokenizer: object
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
     label: str
 
 
@@ -35,13 +39,13 @@ def load_model(spec: ModelConfig, num_labels: int, key: str, attn_implementation
     name = resolve_name(spec.name)
     try:
         config = AutoConfig.from_pretrained(name)
-    except Exception as err:  # hub and filesystem errors come in many types; the user needs the key and the cause
+    except Exception as err:  # noqa: BLE001 - hub and filesystem errors come in many types; the user needs the cause
         raise ConfigError(f"{key}.name: cannot load model {spec.name!r}: {one_line(err)}") from None
     is_classifier = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
     if is_classifier and config.num_labels != num_labels:
         raise ConfigError(f"{key}.name: {spec.name!r} is a classifier with {config.num_labels} labels but the data "
                           f"has {num_labels}; all models must agree on the label count")
-    kwargs = {"num_labels": num_labels}
+    kwargs: dict[str, Any] = {"num_labels": num_labels}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     try:
@@ -57,15 +61,15 @@ def load_tokenizer(spec: ModelConfig, key: str):
     tokenizer_name = resolve_name(spec.tokenizer or spec.name)
     try:
         return AutoTokenizer.from_pretrained(tokenizer_name)
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 - as for the model above
         raise ConfigError(f"{key}.tokenizer: cannot load tokenizer {tokenizer_name!r}: {one_line(err)}") from None
 
 
-def layer_count(model: nn.Module) -> int:
+def layer_count(model: PreTrainedModel) -> int:
     return int(model.config.num_hidden_layers)
 
 
-def student_from_teacher(teacher: nn.Module, layers: list[int]) -> nn.Module:
+def student_from_teacher(teacher: PreTrainedModel, layers: list[int]) -> PreTrainedModel:
     """A shallower copy of the teacher: its embeddings, head and the listed layers, in order (DistilBERT-style init)."""
     available = layer_count(teacher)
     # negative indices used to slip through and fail later as a strict load_state_dict error; repeats likewise

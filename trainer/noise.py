@@ -6,7 +6,7 @@ Each whitespace-separated word is replaced by a noise word with probability p. T
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -30,7 +30,7 @@ def add_noise(text: str, p: float, rng: np.random.Generator, token: str | None =
         if not vocabulary:
             raise ValueError("noise needs a token or a non-empty vocabulary")
         picks = rng.integers(len(vocabulary), size=int(hits.sum()))
-        replacements = iter(vocabulary[i] for i in picks)
+        replacements: Iterator[str] = iter(vocabulary[i] for i in picks)
     else:
         replacements = iter([token] * int(hits.sum()))
     return " ".join(next(replacements) if hit else word for word, hit in zip(words, hits))

@@ -89,6 +89,7 @@ def check_evaluation(model: str, data: str, text_column: str, label_column: str,
         option = "--max-length" if error["loc"][0] == "max_length" else "--batch-size"
         raise ConfigError(f"{option}: {error['msg']} (got {error['input']!r})") from None
     folder = model_folder(model, "--model", hub=False)
+    assert folder is not None  # hub=False: a local folder, or a ConfigError
     check_tokenizer(str(folder.path), "--model")
     if folder.num_labels is None:
         raise ConfigError(f"--model: {model!r} is not a saved classifier (architectures: "

@@ -9,6 +9,7 @@ stays within minutes; the submission test runs configs/sweep/demo.yaml exactly a
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
@@ -80,10 +81,8 @@ class Group:
         return self.proc.poll() is None
 
     def kill(self) -> None:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         self.proc.wait(timeout=30)
         # Members other than the leader may still be exiting (and writing logs); give them a moment, no more: an
         # orphaned zombie keeps the group "alive" until something reaps it.
@@ -150,7 +149,7 @@ class Cluster:
         """A shell command from the repository root, as a user types it, with RAY_ADDRESS pointing here."""
         env = {**self.env, "RAY_ADDRESS": self.address, **extra_env}
         return subprocess.run(["bash", "-c", command], cwd=ROOT, env=env, capture_output=True, text=True,
-                              timeout=timeout)
+                              timeout=timeout, check=False)
 
     def job(self, submission_id: str):
         from ray.job_submission import JobSubmissionClient
@@ -249,7 +248,7 @@ def submitted_id(output: str) -> str:
 
 def report(uri: str, sweep: str, tmp_path: Path) -> str:
     out = subprocess.run([str(BIN / "metadistil"), "report", "--sweep", sweep], cwd=tmp_path, capture_output=True,
-                         text=True, timeout=300, env={**os.environ, "MLFLOW_TRACKING_URI": uri})
+                         text=True, timeout=300, check=False, env={**os.environ, "MLFLOW_TRACKING_URI": uri})
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout
 
@@ -349,7 +348,7 @@ def test_node_loss_retries_lost_trials_from_checkpoint(cluster, mlflow_server, t
                       and cluster.job(job).status, 900, every=2)
     logs = cluster.run(f"ray job logs --follow {job}", {}, timeout=120).stdout
     assert status == "SUCCEEDED", logs[-5000:]
-    parents, kids = sweep_runs(mlflow_server, "nodeloss")
+    _, kids = sweep_runs(mlflow_server, "nodeloss")
     by_id = {r.data.tags[runs.TRIAL_ID]: r for r in kids}
     assert len(kids) == len(by_id) == 6, "a retried trial duplicated its MLflow run"
     assert all(r.info.status == "FINISHED" for r in kids)

@@ -22,8 +22,7 @@ from safetensors.torch import load_file
 
 import tiny
 from trainer.algorithms import KD, FineTune, MetaDistil
-from trainer.config import (ConfigError, DeepSpeedConfig, DistillConfig, MetaDistilConfig, NoiseConfig,
-                            parse_config)
+from trainer.config import ConfigError, DeepSpeedConfig, DistillConfig, MetaDistilConfig, NoiseConfig, parse_config
 from trainer.data import Collator, synthetic_sentiment
 from trainer.engine import Schedule, TorchEngine, deepspeed_config, wrap
 from trainer.loop import run_trial

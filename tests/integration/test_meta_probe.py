@@ -8,9 +8,9 @@ import statistics
 import sys
 from pathlib import Path
 
-import tiny
 import torch
 
+import tiny
 from trainer.algorithms.metadistil import rng_state
 from trainer.build import build_trial
 from trainer.config import parse_config

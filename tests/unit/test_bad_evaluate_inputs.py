@@ -80,7 +80,8 @@ CASES: list[tuple[str, Callable[[Work, dict], list[str]], str]] = [
      "--model: {root}/model/config.json is not valid JSON"),
     ("model-config-without-model-type", lambda w, m: w.model(write("config.json", "{}")),
      "--model: {root}/model/config.json has no model_type"),
-    ("model-without-weights", lambda w, m: w.model(remove("model.safetensors")), "--model: '{root}/model' has no weights"),
+    ("model-without-weights", lambda w, m: w.model(remove("model.safetensors")),
+     "--model: '{root}/model' has no weights"),
     ("model-weights-truncated", lambda w, m: w.model(truncate),
      "--model: weights file {root}/model/model.safetensors is truncated or corrupt"),
     ("model-without-tokenizer", lambda w, m: w.model(remove("tokenizer.json", "tokenizer_config.json")),
@@ -95,7 +96,8 @@ CASES: list[tuple[str, Callable[[Work, dict], list[str]], str]] = [
      ("model folder '{root}/model': its weights do not fit its config.json (2 missing or of another shape, e.g. "
       "classifier.bias)")),
     # the data file
-    ("data-missing", lambda w, m: w.args(data=str(w.root / "absent.tsv")), "--data: '{root}/absent.tsv' does not exist"),
+    ("data-missing", lambda w, m: w.args(data=str(w.root / "absent.tsv")),
+     "--data: '{root}/absent.tsv' does not exist"),
     ("data-is-a-folder", lambda w, m: w.args(data=str(w.root)), "--data: '{root}' is a folder, not a file"),
     ("data-unsupported-type", lambda w, m: w.args(data=w.file("d.txt", "x")), "--data: unsupported file type '.txt'"),
     ("data-empty", lambda w, m: w.args(data=w.file("d.tsv", "")), "--data: {root}/d.tsv has no rows"),

@@ -110,7 +110,8 @@ CASES: list[tuple[str, Callable[[Work], list[str]], str]] = [
      "trial.yaml: not valid YAML at line 3"),
     ("config-top-level-list", lambda w: [w.file("trial.yaml", "- algorithm: kd\n")],
      "trial.yaml: the top level must be a mapping"),
-    ("config-key-twice", lambda w: [w.file("trial.yaml", "seed: 1\nseed: 2\n")], "seed: key given twice (lines 1 and 2)"),
+    ("config-key-twice", lambda w: [w.file("trial.yaml", "seed: 1\nseed: 2\n")],
+     "seed: key given twice (lines 1 and 2)"),
     # overrides
     ("override-without-equals", lambda w: [w.config(), "optim.lr"], "override 'optim.lr': expected dotted.key=value"),
     ("override-bad-yaml", lambda w: [w.config(), "optim.lr=[1"], "override optim.lr: value '[1' is not valid YAML"),
@@ -125,14 +126,16 @@ CASES: list[tuple[str, Callable[[Work], list[str]], str]] = [
     ("unknown-nested-key", lambda w: [w.config(), "optim.lrr=1"], "optim.lrr: unknown key (allowed here: lr,"),
     ("unknown-teacher-key", lambda w: [w.config(), "teachers.0.nme=x"], "teachers.0.nme: unknown key"),
     ("lr-not-a-number", lambda w: [w.config(), "optim.lr=fast"], "optim.lr: Input should be a valid number"),
-    ("train-size-fraction", lambda w: [w.config(), "data.train_size=1.5"], "data.train_size: Input should be a valid int"),
+    ("train-size-fraction", lambda w: [w.config(), "data.train_size=1.5"],
+     "data.train_size: Input should be a valid int"),
     ("section-not-a-mapping", lambda w: [w.config(), "data=5"], "data: Input should be a valid dictionary"),
     ("negative-seed", lambda w: [w.config(), "seed=-1"], "seed: Input should be greater than or equal to 0"),
     ("unknown-algorithm", lambda w: [w.config(), "algorithm=distil"], "algorithm: Input should be 'finetune'"),
     ("unknown-device", lambda w: [w.config(), "device=tpu"], "device: Input should be 'auto', 'cpu' or 'cuda'"),
     ("noise-p-above-1", lambda w: [w.config(), "noise.student.p=1.5"], "noise.student.p: Input should be less than 1"),
     ("unknown-noise-mode", lambda w: [w.config(), "noise.teacher.mode=word"], "noise.teacher.mode: Input should be"),
-    ("zero-temperature", lambda w: [w.config(), "distill.temperature=0"], "distill.temperature: Input should be greater"),
+    ("zero-temperature", lambda w: [w.config(), "distill.temperature=0"],
+     "distill.temperature: Input should be greater"),
     ("alpha-above-1", lambda w: [w.config(), "distill.alpha=2"], "distill.alpha: Input should be less than or equal"),
     ("zero-stage-5", lambda w: [w.config(), "deepspeed.zero_stage=5"], "deepspeed.zero_stage: Input should be less"),
     ("unknown-precision", lambda w: [w.config(), "deepspeed.precision=fp8"], "deepspeed.precision: Input should be"),
@@ -141,7 +144,8 @@ CASES: list[tuple[str, Callable[[Work], list[str]], str]] = [
     ("max-length-4", lambda w: [w.config(), "data.max_length=4"], "data.max_length: Input should be greater"),
     ("repeated-init-layers", lambda w: [w.config(), "student.init_layers=[0, 0]"],
      "student.init_layers: must be distinct non-negative layer indices"),
-    ("missing-teacher-name", lambda w: [w.config(), "teachers=[{label: x}]"], "teachers.0.name: required key is missing"),
+    ("missing-teacher-name", lambda w: [w.config(), "teachers=[{label: x}]"],
+     "teachers.0.name: required key is missing"),
     # combinations
     ("finetune-with-teachers", lambda w: [w.config(), "algorithm=finetune"], "teachers: finetune trains without"),
     ("kd-without-teachers", lambda w: [w.config(), "teachers=[]"], "teachers: algorithm 'kd' needs at least one"),
@@ -191,7 +195,8 @@ CASES: list[tuple[str, Callable[[Work], list[str]], str]] = [
     ("data-path-missing", lambda w: w.with_data(str(w.root / "absent")), "data.path: '{root}/absent' does not exist"),
     ("data-folder-without-train", lambda w: w.with_data(w.folder("d", dev=ROWS)),
      "data.path: no train.{{tsv,csv,jsonl,json,parquet}} file in {root}/d"),
-    ("data-unsupported-type", lambda w: w.with_data(w.file("t.txt", "a 1\n")), "data.path: unsupported file type '.txt'"),
+    ("data-unsupported-type", lambda w: w.with_data(w.file("t.txt", "a 1\n")),
+     "data.path: unsupported file type '.txt'"),
     ("data-jsonl-broken-line", lambda w: w.with_data(w.file("t.jsonl", '{"sentence": "a", "label": 1}\n{"sent\n')),
      "data.path: line 2 of {root}/t.jsonl is not valid JSON"),
     ("data-jsonl-not-objects", lambda w: w.with_data(w.file("t.jsonl", "[1, 2]\n")),
@@ -289,7 +294,8 @@ def test_validate_refuses_with_one_line_naming_the_key_or_file(work, capsys, bui
 
 
 @pytest.mark.parametrize("case_id", ["output-dir-is-a-file", "data-fractional-label", "fp16-without-a-gpu",
-                                     "validation-size-above-file", "model-weights-truncated", "model-without-tokenizer"])
+                                     "validation-size-above-file",
+                                     "model-weights-truncated", "model-without-tokenizer"])
 def test_train_refuses_them_before_loading_a_model(work, capsys, monkeypatch, case_id):
     """A trial (the CLI's, or a sweep's on its worker) runs the same checks first: these used to end in a traceback
     after the models loaded, or after training, or not at all."""

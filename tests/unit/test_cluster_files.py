@@ -20,7 +20,7 @@ from launcher.spec import load_spec
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTER = ROOT / "cluster"
 VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
-RAY = re.search(r"^ray==(\S+)$", (ROOT / "constraints.txt").read_text(), re.M).group(1)
+RAY = re.search(r"^ray==(\S+)$", (ROOT / "constraints.txt").read_text(), re.MULTILINE).group(1)
 IMAGE_TAG = re.compile(r"^[\w.-]+(/[\w.-]+)+:(?P<version>\d+\.\d+\.\d+)-gpu$")
 
 
@@ -29,7 +29,7 @@ def load(name: str):
 
 
 def image_workdir() -> str:
-    return re.findall(r"^WORKDIR\s+(\S+)", (ROOT / "docker" / "Dockerfile").read_text(), re.M)[-1]
+    return re.findall(r"^WORKDIR\s+(\S+)", (ROOT / "docker" / "Dockerfile").read_text(), re.MULTILINE)[-1]
 
 
 def in_repo(path: str) -> Path:
@@ -140,7 +140,7 @@ def test_cluster_files_agree_on_image_and_entrypoint_spec():
     assert job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["image"] == \
         launcher["docker"]["image"]
     base = re.search(r"^ARG BASE_IMAGE=rayproject/ray:(\S+)-py311-gpu$",
-                     (ROOT / "docker" / "Dockerfile").read_text(), re.M)
+                     (ROOT / "docker" / "Dockerfile").read_text(), re.MULTILINE)
     assert base and base.group(1) == RAY, "the GPU image's Ray is not the project's"
 
 
@@ -157,7 +157,7 @@ def fake_ray(tmp_path):
 def run_submit(fake_ray, args, **env):
     base = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "SUBMISSION_ID")}
     return subprocess.run([str(CLUSTER / "submit.sh"), *args], capture_output=True, text=True, timeout=60, cwd="/",
-                          env={**base, "PATH": f"{fake_ray}:{os.environ['PATH']}", **env})
+                          env={**base, "PATH": f"{fake_ray}:{os.environ['PATH']}", **env}, check=False)
 
 
 def test_submit_builds_the_ray_job_submit_command(fake_ray):

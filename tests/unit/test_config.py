@@ -6,10 +6,22 @@ from __future__ import annotations
 import re
 
 import pytest
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
-from trainer.config import (ConfigError, DataConfig, ModelConfig, NoiseSide, OptimConfig, StudentConfig, TrialConfig,
-                            apply_overrides, explain, flatten, load_config, parse_config)
+from trainer.config import (
+    ConfigError,
+    DataConfig,
+    ModelConfig,
+    NoiseSide,
+    OptimConfig,
+    StudentConfig,
+    TrialConfig,
+    apply_overrides,
+    explain,
+    flatten,
+    load_config,
+    parse_config,
+)
 
 TEACHER = {"name": "teacher-a"}
 KD = {"algorithm": "kd", "teachers": [TEACHER]}
@@ -202,14 +214,14 @@ def test_load_config_reads_yaml_and_applies_overrides(tmp_path):
 
 
 def test_load_config_missing_file(tmp_path):
-    with pytest.raises(ConfigError, match="config file not found: .*nope.yaml"):
+    with pytest.raises(ConfigError, match=r"config file not found: .*nope\.yaml"):
         load_config(tmp_path / "nope.yaml")
 
 
 def test_load_config_invalid_yaml(tmp_path):
     path = tmp_path / "broken.yaml"
     path.write_text("algorithm: kd\nteachers: [\n  - name: a\n")
-    with pytest.raises(ConfigError, match="broken.yaml: not valid YAML"):
+    with pytest.raises(ConfigError, match=r"broken\.yaml: not valid YAML"):
         load_config(path)
 
 
@@ -295,7 +307,7 @@ def test_explain_lists_every_leaf_with_default_and_help():
 
 def test_sections_are_strict():
     for section in (DataConfig, OptimConfig, NoiseSide, StudentConfig):
-        with pytest.raises(Exception):
+        with pytest.raises(ValidationError, match="unknown\n  Extra inputs are not permitted"):
             section(unknown=1)
 
 

@@ -78,7 +78,7 @@ def test_an_older_runs_tags_still_read():
     assert (old.extra, old.warmup, old.seed, old.workers, old.sweep) == ((("distill.alpha", "0.9"),), 1.0, 3, 1, "")
     assert TrialIdentity.from_tags({"metadistil.role": "teacher", "metadistil.trial_id": "teacher__bert"}).student \
         == "bert"
-    with pytest.raises(ValueError, match="metadistil.role: 'sweep' is not a teacher or trial run"):
+    with pytest.raises(ValueError, match=r"metadistil\.role: 'sweep' is not a teacher or trial run"):
         TrialIdentity.from_tags({"metadistil.role": "sweep"})
 
 

@@ -12,9 +12,8 @@ from torch.func import functional_call
 
 import tiny
 from trainer.algorithms import MetaDistil
-from trainer.config import DistillConfig, MetaDistilConfig
+from trainer.config import DistillConfig, MetaDistilConfig, NoiseConfig
 from trainer.data import Collator, synthetic_sentiment
-from trainer.config import NoiseConfig
 from trainer.engine import TorchEngine
 from trainer.losses import average_logits, cross_entropy, distillation_loss
 
@@ -43,7 +42,7 @@ def make_setup(tokenizers, n_teachers: int, dtype=torch.float64, dropout: float 
     data = synthetic_sentiment(12, 4)["train"]
     collate = Collator(tokenizers["wordpiece_cased"], [tokenizers[tok] for _, tok in builders[:n_teachers]],
                        max_length=32, noise=NoiseConfig(), seed=0)
-    return student, teachers, collate(data, range(0, 8)), collate(data, range(8, 12))
+    return student, teachers, collate(data, range(8)), collate(data, range(8, 12))
 
 
 def quiz_loss_of_teachers(student, teachers, batch, quiz, teacher_params):
@@ -168,7 +167,8 @@ def test_lagged_step_is_the_exact_step_on_the_teachers_before_their_update(token
             monkeypatch.setattr(algo, "teacher_logits", lambda _batch: frozen)
         torch.manual_seed(5)
         losses = algo.train_step(batch, step=0)
-        return losses, student_engine.seen[0], [e.seen[0] for e in engines], {n: p.detach() for n, p in s.named_parameters()}
+        after = {n: p.detach() for n, p in s.named_parameters()}
+        return losses, student_engine.seen[0], [e.seen[0] for e in engines], after
 
     lagged, reference, exact = run("lagged", False), run("exact", True), run("exact", False)
 
@@ -185,7 +185,7 @@ def test_lagged_step_is_the_exact_step_on_the_teachers_before_their_update(token
 
 
 def test_lagged_update_needs_a_first_order_meta_gradient():
-    with pytest.raises(ValueError, match="lagged.*double_backward"):
+    with pytest.raises(ValueError, match=r"lagged.*double_backward"):
         MetaDistilConfig(update="lagged", meta_gradient="double_backward")
 
 
@@ -216,7 +216,7 @@ def test_one_sided_difference_is_accurate_in_float32(tokenizers):
 def _spy_forward(monkeypatch, record):
     """Record (inputs, the module's training flag, flash attention allowed, the logits) for every functional forward
     of the meta step."""
-    import trainer.algorithms.metadistil as metadistil
+    from trainer.algorithms import metadistil
 
     forward = metadistil.forward
 

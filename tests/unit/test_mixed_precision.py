@@ -16,14 +16,13 @@ import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
-import trainer.algorithms.metadistil as metadistil
-from trainer.algorithms import MetaDistil
+from trainer.algorithms import MetaDistil, metadistil
 from trainer.config import DeepSpeedConfig, DistillConfig, MetaDistilConfig
 from trainer.data import Batch
 from trainer.engine import TorchEngine, wrap
 
 pytest.importorskip("deepspeed")
-from deepspeed.utils import safe_get_full_grad  # noqa: E402
+from deepspeed.utils import safe_get_full_grad
 
 DISTILL = DistillConfig(temperature=2.0, alpha=0.5)
 VOCAB, SEQ, BATCH, QUIZ = 100, 24, 16, 8

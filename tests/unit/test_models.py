@@ -11,8 +11,15 @@ import torch
 
 import tiny
 from trainer.config import ConfigError, ModelConfig
-from trainer.models import (count_parameters, display_label, layer_count, load_model, resolve_name,
-                            student_from_teacher, times_smaller)
+from trainer.models import (
+    count_parameters,
+    display_label,
+    layer_count,
+    load_model,
+    resolve_name,
+    student_from_teacher,
+    times_smaller,
+)
 
 
 def _layer_prefix(model) -> str:
@@ -44,7 +51,7 @@ def test_student_from_teacher_copies_embeddings_and_chosen_layers(tokenizers, ki
             s_key = key.replace(f"{prefix}.{old}.", f"{prefix}.{new}.")
             assert torch.equal(s_state[s_key], t_state[key]), s_key
     # copies, not shared storage: training the student leaves the teacher alone
-    emb = [k for k in shared if "word_embeddings" in k][0]
+    emb = next(k for k in shared if "word_embeddings" in k)
     assert s_state[emb].data_ptr() != t_state[emb].data_ptr()
     # and the copied model computes: same output as the teacher would give with those layers
     ids = torch.tensor([[2, 10, 11, 12, 3]])

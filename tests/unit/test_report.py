@@ -182,8 +182,8 @@ def test_failed_runs_are_listed_and_not_averaged(report, sweep):
     assert table[(BLOCKS[3], "RoBERTa TinyBERT")] == ["failed", "14350874", "8.7", "0 (+1 failed)"]
 
     failed_section = report.markdown.split("## Failed trials")[1]
-    assert "| `kd__roberta__DistilBERT__w0__off__s3` | RoBERTa DistilBERT | FAILED | CUDA out of memory: tried to " \
-           "allocate 2.00 GiB \\| pipe in the message |" in failed_section
+    assert ("| `kd__roberta__DistilBERT__w0__off__s3` | RoBERTa DistilBERT | FAILED | CUDA out of memory: tried to "
+            "allocate 2.00 GiB \\| pipe in the message |") in failed_section
     assert f"| `metadistil__roberta__TinyBERT__w0__off__s1` | RoBERTa TinyBERT | FAILED | {NAN} |" in failed_section
     assert "preempted" not in report.markdown  # a retried attempt that later finished is superseded
     assert {f["trial_id"] for f in report.failed} == {"kd__roberta__DistilBERT__w0__off__s3",

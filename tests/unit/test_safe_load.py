@@ -22,7 +22,7 @@ from trainer.config import ConfigError, DeepSpeedConfig
 from trainer.engine import TorchEngine, UnsafeCheckpointError, wrap
 
 deepspeed = pytest.importorskip("deepspeed")
-from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine  # noqa: E402  # only once deepspeed is there
 
 CONFIG = "fingerprint"
 ENGINES = [

@@ -124,7 +124,7 @@ def test_prepare_storage_creates_the_folder_or_refuses_it(tmp_path, monkeypatch)
     prepare_storage(str(tmp_path / "a" / "b"))
     assert (tmp_path / "a" / "b").is_dir() and not list((tmp_path / "a" / "b").iterdir())
     (tmp_path / "taken").write_text("")
-    with pytest.raises(ConfigError, match="storage_path: .* cannot be created: .* is a file"):
+    with pytest.raises(ConfigError, match=r"storage_path: .* cannot be created: .* is a file"):
         prepare_storage(str(tmp_path / "taken" / "sweeps"))
 
     def read_only(**kwargs):
@@ -172,5 +172,5 @@ def test_the_cli_shows_a_bad_spec_as_one_line_and_exits_2(tmp_path, capsys):
     path = write(tmp_path, SPEC_TEXT + "  seed: [3]\n")
     assert main(["sweep", str(path), "--dry-run"]) == 2
     err = capsys.readouterr().err
-    assert err == f"error: {path}: grid.seed: key given twice (lines 13 and 14); YAML would silently keep only the " \
-                  "last value\n"
+    assert err == (f"error: {path}: grid.seed: key given twice (lines 13 and 14); YAML would silently keep only the "
+                   "last value\n")

@@ -171,7 +171,7 @@ def test_a_server_that_never_answers_times_out():
     with socket.socket() as silent:  # listens, so connections succeed, but never replies
         silent.bind(("127.0.0.1", 0))
         silent.listen()
-        with pytest.raises(ConfigError, match="is unreachable .*timed out"):
+        with pytest.raises(ConfigError, match=r"is unreachable .*timed out"):
             tracking.check_reachable(f"http://127.0.0.1:{silent.getsockname()[1]}", timeout=0.5)
 
 

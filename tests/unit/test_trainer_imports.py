@@ -15,7 +15,8 @@ def test_trainer_modules_import_neither_ray_nor_mlflow():
     code = ("import importlib, sys\n"
             f"for m in {modules!r}: importlib.import_module(m)\n"
             "print(sorted(k for k in sys.modules if k.split('.')[0] in ('ray', 'mlflow')))")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300,
+                          check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     assert len(modules) >= 10
     assert done.stdout.strip() == "[]"

@@ -4,4 +4,4 @@ from trainer.algorithms.finetune import FineTune
 from trainer.algorithms.kd import KD
 from trainer.algorithms.metadistil import MetaDistil
 
-__all__ = ["FineTune", "KD", "MetaDistil"]
+__all__ = ["KD", "FineTune", "MetaDistil"]

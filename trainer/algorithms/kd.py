@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, Generic, TypeVar
 
 import torch
-from torch import nn
 
 from trainer.config import DistillConfig
 from trainer.data import Batch
 from trainer.engine import Engine
 from trainer.losses import average_logits, distillation_loss
 
+# What the teachers are: frozen modules here, engines that train them in MetaDistil.
+Teacher = TypeVar("Teacher", bound=Callable[..., Any])
 
-class KD:
+
+class KD(Generic[Teacher]):
     name = "kd"
 
-    def __init__(self, student: Engine, teachers: Sequence[nn.Module], distill: DistillConfig):
+    def __init__(self, student: Engine, teachers: Sequence[Teacher], distill: DistillConfig):
         self.student = student
         self.teachers = list(teachers)
         self.distill = distill

@@ -43,7 +43,7 @@ from trainer.metrics import PhaseTimer
 Params = dict[str, torch.Tensor]
 
 
-class MetaDistil(KD):
+class MetaDistil(KD[Engine]):
     name = "metadistil"
 
     def __init__(self, student: Engine, teachers: Sequence[Engine], distill: DistillConfig, meta: MetaDistilConfig,
