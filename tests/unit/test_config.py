@@ -36,7 +36,7 @@ MALFORMED = [
     ("unknown-top-level-key", with_(KD, optimiser={"lr": 1}),
      ["optimiser: unknown key", "allowed here: seed, algorithm, device, data"]),
     ("unknown-nested-key", with_(KD, optim={"lrr": 1e-4}),
-     ["optim.lrr: unknown key", "lr, weight_decay, batch_size, epochs, max_steps, grad_clip"]),
+     ["optim.lrr: unknown key", "lr, weight_decay, schedule, warmup_ratio, batch_size, epochs, max_steps, grad_clip"]),
     ("unknown-key-in-list-item", {"algorithm": "kd", "teachers": [{"name": "a", "nme": "b"}]},
      ["teachers.0.nme: unknown key", "name, tokenizer, label"]),
     ("unknown-deep-key", with_(KD, noise={"student": {"prob": 0.1}}),
