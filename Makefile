@@ -23,9 +23,13 @@ lint: setup
 test: lint
 	HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS)
 
+# The demo sweep on the SST-2 sample in data/ (teachers, then the grid, then Table 1), logged to ./mlflow.db whatever
+# MLFLOW_TRACKING_URI says; then how to open its runs in the MLflow UI (launcher.runs.ui_link, as the sweep prints it).
 demo: setup
-	HF_HUB_OFFLINE=1 $(METADISTIL) train configs/trial/finetune_teacher.yaml
-	HF_HUB_OFFLINE=1 $(METADISTIL) train configs/trial/metadistil.yaml
+	env -u MLFLOW_TRACKING_URI HF_HUB_OFFLINE=1 $(METADISTIL) sweep configs/sweep/demo.yaml
+	@$(PY) -c "from launcher.runs import ui_link; from launcher.tracking import client; uri = 'sqlite:///mlflow.db'; \
+	experiment = client(uri).get_experiment_by_name('metadistil').experiment_id; \
+	print('\nThe runs in the MLflow UI (mlflow is $(VENV)/bin/mlflow): ' + ui_link(uri, experiment, 'demo'))"
 
 clean:
 	rm -rf runs mlflow.db .pytest_cache .mypy_cache .ruff_cache

@@ -4,15 +4,18 @@ an unreachable tracking server, a node lost mid-sweep and a driver lost mid-swee
 Every process is started in a session of its own and its whole process group is killed at the end, also when a test
 fails; nothing else using Ray on this machine is touched (no `ray stop`). Ports are free ports, Ray's temp dir is
 private. Node loss and driver loss use a small generated spec (tiny models, 6 trials, ``small_spec``) so the module
-stays within minutes; the submission test runs configs/sweep/demo.yaml exactly as the README shows it.
+stays within minutes; the submission test runs configs/sweep/demo.yaml as the README shows it, every trial and teacher
+cut to 2 steps by spec overrides (``demo_shrunk``): the full demo takes about 5 minutes of 2 CPUs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -33,6 +36,7 @@ pytestmark = pytest.mark.cluster
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent  # the venv's ray, mlflow and metadistil
 README_SUBMIT = "cluster/submit.sh configs/sweep/demo.yaml"
+DEMO = ROOT / "configs" / "sweep" / "demo.yaml"
 
 
 _HANDED_OUT: set[int] = set()
@@ -225,6 +229,20 @@ def small_spec(tmp_path: Path, model_dirs, name: str, steps: int) -> Path:
     return path
 
 
+def demo_shrunk() -> list[str]:
+    """Spec overrides that keep the demo's grid, teachers and data but run 2 steps per trial and teacher, evaluated
+    on 64 examples. A teacher's own ``overrides`` (its step budget) are replaced whole: their keys hold dots."""
+    spec = yaml.safe_load(DEMO.read_text())
+    small = {"optim.max_steps": 2, "eval.every_steps": 2}
+    shrunk = ["base.optim.max_steps=2", "base.eval.every_steps=2", "base.data.validation_size=64",
+              "base.data.test_size=64"]
+    for name, teacher in spec["teachers"].items():
+        if teacher.get("finetune"):
+            overrides = {**teacher["finetune"].get("overrides", {}), **small}
+            shrunk.append(f"teachers.{name}.finetune.overrides={json.dumps(overrides)}")
+    return shrunk
+
+
 def sweep_runs(uri: str, sweep: str) -> tuple[list, list]:
     """(parent runs, child runs) of a sweep on the server."""
     from mlflow.tracking import MlflowClient
@@ -273,14 +291,15 @@ def test_readme_job_submit_runs_demo_on_both_nodes(cluster, mlflow_server, tmp_p
     assert f"\n{README_SUBMIT}" in readme, "the README no longer shows the command this test runs"
     cluster.ensure_worker()
     nodes = set(cluster.alive_nodes())
-    out = cluster.run(README_SUBMIT, {"MLFLOW_TRACKING_URI": mlflow_server}, timeout=1500)
+    out = cluster.run(f"{README_SUBMIT} {shlex.join(demo_shrunk())}", {"MLFLOW_TRACKING_URI": mlflow_server},
+                      timeout=1500)
     job = submitted_id(out.stdout + out.stderr)
     assert out.returncode == 0 and cluster.job(job).status == "SUCCEEDED", out.stdout[-5000:]
     assert set(cluster.trial_nodes(job).values()) == nodes, "trials did not run on both nodes"
 
     from launcher.spec import expand, load_spec
 
-    plan = expand(*load_spec(ROOT / "configs" / "sweep" / "demo.yaml"))
+    plan = expand(*load_spec(DEMO, demo_shrunk()))
     parents, kids = sweep_runs(mlflow_server, "demo")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     expected = {t.id for t in plan.trials} | {t.id for t in plan.teacher_trials.values()}
