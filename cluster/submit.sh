@@ -15,7 +15,7 @@
 #
 # The job's working dir is this checkout (files ignored by .gitignore stay behind), so the cluster runs the code and
 # configs you have here; HF_HUB_OFFLINE, HF_HOME and the trials' library notices (TRANSFORMERS_VERBOSITY=error,
-# HF_HUB_DISABLE_PROGRESS_BARS=1 quiet them, as `metadistil sweep` does on a local Ray) travel with
+# HF_HUB_DISABLE_PROGRESS_BARS=1, METADISTIL_QUIET_LIBRARIES=1 quiet them, as a local sweep does) travel with
 # MLFLOW_TRACKING_URI when they are set. Credentials belong in the cluster's own environment, not here: runtime-env
 # variables are shown in the Ray dashboard.
 set -euo pipefail
@@ -63,7 +63,8 @@ id=${SUBMISSION_ID:-$(basename "$spec" .yaml)-$(date -u +%Y%m%d-%H%M%S)}
 # JSON built by Python, so URIs with quotes or backslashes cannot break it.
 runtime_env=$(python3 -c '
 import json, os
-names = ("MLFLOW_TRACKING_URI", "HF_HUB_OFFLINE", "HF_HOME", "TRANSFORMERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS")
+names = ("MLFLOW_TRACKING_URI", "HF_HUB_OFFLINE", "HF_HOME", "TRANSFORMERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS",
+         "METADISTIL_QUIET_LIBRARIES")
 print(json.dumps({"env_vars": {n: os.environ[n] for n in names if os.environ.get(n)}}))')
 
 exec ray job submit --address "$RAY_ADDRESS" --submission-id "$id" --working-dir "$root" \

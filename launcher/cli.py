@@ -14,12 +14,12 @@ from importlib.metadata import version
 from pathlib import Path
 
 from trainer.config import ConfigError, explain, load_config
-from trainer.logging import NAMED_LINE, redact_text, redact_uri
+from trainer.logging import NAMED_LINE, QUIET_LIBRARIES, redact_text, redact_uri
 
 # Notices every trial repeats: transformers' load report (a fresh classification head is "MISSING") and its bars for
 # loading and saving weights. Environment variables, so that the trainer reads them in this process and in the
 # workers of a local Ray, which inherit it; -v leaves the libraries' defaults, and a value already set wins.
-QUIET_ENV = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+QUIET_ENV = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1", QUIET_LIBRARIES: "1"}
 
 
 def _train(args: argparse.Namespace) -> int:

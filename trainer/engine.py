@@ -7,6 +7,8 @@ Gradients computed outside an engine (the meta step works on detached parameter 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import os
@@ -22,6 +24,7 @@ import torch
 from torch import nn
 
 from trainer.config import ConfigError, DeepSpeedConfig
+from trainer.logging import libraries_quiet
 
 
 class Engine(Protocol):
@@ -265,9 +268,14 @@ def wrap(module: nn.Module, lr: float, weight_decay: float, cfg: DeepSpeedConfig
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     import deepspeed
 
-    if not torch.distributed.is_initialized():
-        _single_process_group_env()
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    # DeepSpeed's first communication backend of a process prints a bare line on stdout (on CPU: its shared-memory op
+    # "built successfully"), once per trial: only its own calls are silenced, not its logger.
+    with contextlib.redirect_stdout(io.StringIO()) if libraries_quiet() else contextlib.nullcontext():
+        if not torch.distributed.is_initialized():
+            _single_process_group_env()
+            deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        elif deepspeed.comm.comm.cdb is None:  # a launcher's group (Ray Train): initialize would build the backend here
+            deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
     # A callable: DeepSpeed builds the scheduler on its own optimizer, steps it with the engine and checkpoints it.
     engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=schedule, config=config)
     return engine

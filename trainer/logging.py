@@ -6,6 +6,7 @@ Trackers (MLflow) implement the same protocol in the launcher package, so the tr
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +61,14 @@ class DataSplit:
 # in words with digits ("[repeated 3x across cluster]"), which hides which trial printed what; the CLI exempts lines
 # of this form from that (Ray's RAY_DEDUP_LOGS_ALLOW_REGEX).
 NAMED_LINE = r"^\[[^\]\s]+\] "
+
+# Set (to "1") by the CLI unless -v, and inherited by a local Ray's workers: the trainer then silences what libraries
+# print bare on stdout once per trial (DeepSpeed's "... built successfully" for its CPU communication op).
+QUIET_LIBRARIES = "METADISTIL_QUIET_LIBRARIES"
+
+
+def libraries_quiet() -> bool:
+    return os.environ.get(QUIET_LIBRARIES) == "1"
 
 
 class StdoutLogger:

@@ -109,7 +109,7 @@ def test_console_shows_axes_and_trial_lines_and_no_ray_is_left(spec, ray_tmp):
         for step in (1, 2):
             assert re.search(rf"\[{trial}\] \[step {step}\] best_val_accuracy=", text), (trial, step)
     assert not [line for line in text.splitlines() if "[step" in line and "repeated" in line]
-    assert "LOAD REPORT" not in text and "Loading weights" not in text
+    assert "LOAD REPORT" not in text and "Loading weights" not in text and "built successfully" not in text
     assert left_after(ray_tmp) == []
 
 
