@@ -86,7 +86,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
         report = build_report(result.tracking_uri, spec.name, Path(f"runs/reports/{spec.name}"),
                               experiment=plan.trials[0].config.tracking.experiment if plan.trials else "metadistil")
-        print(f"\n{report.markdown}\nwrote {report.csv_path} and {report.png_path}")
+        print(f"\n{report.markdown}\n{report.written}")
     return 1 if result.failed else 0
 
 
@@ -123,7 +123,7 @@ def _report(args: argparse.Namespace) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(report.markdown)
-    print(f"\nwrote {report.csv_path} and {report.png_path}")
+    print(f"\n{report.written}")
     return 0
 
 

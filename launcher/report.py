@@ -4,7 +4,8 @@
 ``metadistil.role`` = ``sweep``), reads its child runs (``metadistil.role`` = ``teacher`` or ``trial``), groups them
 into cells (block, algorithm, teacher set, student, warm-up, noise, plus any grid.extra keys: the identity that
 ``launcher.identity`` reads from the runs' tags) and averages the cells over seeds. It writes ``report.md``,
-``report.csv`` and ``report.png`` to ``out_dir`` and, with ``attach``, logs them to the parent run under ``report/``.
+``report.csv``, ``report.png`` (accuracy per cell) and ``report_cost.png`` (train time against accuracy) to
+``out_dir`` (``launcher.report_render``) and, with ``attach``, logs them to the parent run under ``report/``.
 
 Blocks, in the report's order (empty ones are skipped):
 
@@ -21,6 +22,11 @@ finish (or finished without ``test_accuracy``) is left out of the means and list
 seeds all failed reads ``failed``. When a trial was retried, its latest finished attempt counts and earlier failed
 attempts are not listed.
 
+Confidence: each cell's 95 % interval over seeds, and for each distillation cell a paired comparison over seeds
+(``launcher.significance``) with its KD baseline (KD with the same teachers, student, warm-up and noise; else clean KD
+without warm-up) and, for several teachers, with the best single-teacher cell of its teachers. Cost: mean train wall
+time and step time over seeds, and the most memory any seed used.
+
 Times Smaller: a distillation row shows the ``times_smaller`` its trials logged (the mean teacher parameter count of
 its own teacher set over the student's). Fine-tuned rows have no teachers, so, as in the report (DistilBERT 1.7,
 TinyBERT 8.2), they are measured against the mean parameter count of the reference teachers: those used as single
@@ -29,7 +35,6 @@ teachers in the sweep (all known teachers when none is). Teachers' rows leave it
 
 from __future__ import annotations
 
-import csv
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -38,7 +43,9 @@ from typing import Any, TypeGuard
 
 import numpy as np
 
-from launcher.identity import CONFIG_HASH, OFF, ROLE, SWEEP, TrialIdentity
+from launcher.identity import OFF, ROLE, SWEEP, TrialIdentity
+from launcher.report_render import CSV_COLUMNS, chart, cost_chart, markdown, write_csv
+from launcher.significance import confidence_interval, paired_comparison
 from launcher.tracking import client as mlflow_client
 from trainer.logging import redact_uri
 
@@ -48,8 +55,7 @@ DISTILL = ("kd", "metadistil")
 BLOCKS = ("Teachers", "Fine-Tuned Models", "Student Model with KD", "Student Model with MetaDistil",
           "Student Model with MetaDistil + Additional Teacher", "With Noise", "With Warm-up")
 ALGORITHM_NAMES = {"finetune": "Fine-tune", "kd": "KD", "metadistil": "MetaDistil"}
-CSV_COLUMNS = ("block", "method", "algorithm", "teachers", "student", "warmup", "noise", "n_seeds", "accuracy_mean",
-               "accuracy_std", "params", "times_smaller", "failed_seeds")
+__all__ = ["BLOCKS", "CSV_COLUMNS", "Report", "ReportError", "build_report", "chart", "cost_chart"]
 
 
 class ReportError(ValueError):
@@ -61,12 +67,19 @@ class Report:
     sweep: str
     parent_run_id: str
     markdown: str
-    rows: list[dict[str, Any]]  # one per cell: the CSV's columns (accuracy in percent; None where blank), "label"
+    # one per cell: the CSV's columns (accuracy in percent; None where blank), "label", "by_seed" ({seed: accuracy}),
+    # "baselines" ({comparison: baseline method}) and the comparisons "vs_kd", "vs_one_teacher" (Comparison or None)
+    rows: list[dict[str, Any]]
     failed: list[dict[str, str]]  # trial_id, status, error, block, method
     csv_path: Path
     png_path: Path
     md_path: Path
+    cost_png_path: Path
     attached: list[str] = field(default_factory=list)  # artifact paths logged to the parent run
+
+    @property
+    def written(self) -> str:
+        return f"wrote {self.md_path}, {self.csv_path}, {self.png_path} and {self.cost_png_path}"
 
 
 @dataclass
@@ -114,23 +127,26 @@ def build_report(tracking_uri: str, sweep: str, out_dir: Path, experiment: str =
     cells = _cells(attempts)
     reference = _reference_teacher_params(attempts)
     rows = [_row(cell, reference) for cell in cells]
+    _compare(cells, rows)
     failed = [{"trial_id": a.trial_id, "status": a.status, "error": _error(a), "block": BLOCKS[cell.block],
                "method": cell.method} for cell in cells for a in cell.failed]
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path, png_path, md_path = out_dir / "report.csv", out_dir / "report.png", out_dir / "report.md"
-    markdown = _markdown(sweep, parent, rows, failed, reference, len(attempts))
-    _write_csv(csv_path, rows)
-    _write_png(png_path, sweep, rows)
-    md_path.write_text(markdown)
+    cost_png_path = out_dir / "report_cost.png"
+    text = markdown(sweep, parent, rows, failed, reference, len(attempts))
+    write_csv(csv_path, rows)
+    chart(sweep, rows).savefig(png_path, dpi=100)
+    cost_chart(sweep, rows).savefig(cost_png_path, dpi=100)
+    md_path.write_text(text)
 
     attached: list[str] = []
     if attach:
-        for path in (md_path, csv_path, png_path):
+        for path in (md_path, csv_path, png_path, cost_png_path):
             client.log_artifact(parent.info.run_id, str(path), artifact_path="report")
             attached.append(f"report/{path.name}")
-    return Report(sweep, parent.info.run_id, markdown, rows, failed, csv_path, png_path, md_path, attached)
+    return Report(sweep, parent.info.run_id, text, rows, failed, csv_path, png_path, md_path, cost_png_path, attached)
 
 
 # ---------------------------------------------------------------------------------------------------- reading runs
@@ -268,6 +284,7 @@ def _epochs(value: float) -> str:
 
 def _row(c: _Cell, reference: float | None) -> dict[str, Any]:
     acc = [100.0 * a.metrics["test_accuracy"] for a in c.ok]
+    interval = confidence_interval(acc)
     params = _common([a.metrics.get("student_params") for a in c.ok] or
                      [a.metrics.get("student_params") for a in c.failed])
     times = None
@@ -288,11 +305,59 @@ def _row(c: _Cell, reference: float | None) -> dict[str, Any]:
         "n_seeds": len(acc),
         "accuracy_mean": float(np.mean(acc)) if acc else None,
         "accuracy_std": float(np.std(acc, ddof=1)) if len(acc) > 1 else None,
+        "accuracy_ci_low": interval[0] if interval else None,
+        "accuracy_ci_high": interval[1] if interval else None,
         "params": round(params) if params is not None else None,
         "times_smaller": times,
+        "train_wall_time_s": _mean([a.metrics.get("train_wall_time_s") for a in c.ok]),
+        "step_time_s": _mean([a.metrics.get("time_train_step_s") for a in c.ok]),
+        "peak_memory_mb": max((m for a in c.ok if _finite(m := a.metrics.get("peak_memory_mb"))), default=None),
         "failed_seeds": len(c.failed),
         "label": c.label,
+        "by_seed": {a.identity.seed: 100.0 * a.metrics["test_accuracy"] for a in c.ok if a.identity.seed is not None},
+        "baselines": {},
+        "vs_kd": None,
+        "vs_one_teacher": None,
     }
+
+
+# ---------------------------------------------------------------------------------------------------- comparisons
+
+def _compare(cells: list[_Cell], rows: list[dict[str, Any]]) -> None:
+    """Fill each distillation row's paired comparisons with its KD baseline and, for several teachers, with the
+    best single-teacher row of its teachers (``launcher.report_render`` says which baseline, in the table's note)."""
+    index = {_key(c): r for c, r in zip(cells, rows)}
+    for c, row in zip(cells, rows):
+        if c.block < 2:
+            continue
+        kd = _kd_baseline(c, index)
+        if kd is not None:
+            _set(row, "vs_kd", kd)
+        if len(c.teachers) > 1:
+            singles = [index.get(_key(c, algorithm=c.algorithm, teachers=(t,))) for t in c.teachers]
+            finished = [s for s in singles if s is not None and s["accuracy_mean"] is not None]
+            if finished:
+                _set(row, "vs_one_teacher", max(finished, key=lambda s: s["accuracy_mean"]))
+
+
+def _kd_baseline(c: _Cell, index: dict[tuple, dict[str, Any]]) -> dict[str, Any] | None:
+    same = index.get(_key(c, algorithm="kd"))
+    if c.algorithm != "kd" and same is not None:
+        return same
+    clean = _key(c, algorithm="kd", warmup=0.0, noise=OFF)
+    return index.get(clean) if clean != _key(c) else None
+
+
+def _key(c: _Cell, **change: Any) -> tuple:
+    """A cell's identity without its block, as seen by the comparisons: teachers as a tuple of labels."""
+    fields = {"algorithm": c.algorithm, "teachers": tuple(c.teachers), "student": c.student, "warmup": c.warmup,
+              "noise": c.noise, "extras": c.extras}
+    return tuple({**fields, **change}.values())
+
+
+def _set(row: dict[str, Any], name: str, baseline: dict[str, Any]) -> None:
+    row["baselines"][name] = baseline["method"]
+    row[name] = paired_comparison(row["by_seed"], baseline["by_seed"], baseline["method"])
 
 
 def _reference_teacher_params(attempts: list[_Attempt]) -> float | None:
@@ -313,6 +378,11 @@ def _reference_teacher_params(attempts: list[_Attempt]) -> float | None:
     return sum(chosen) / len(chosen) if chosen else None
 
 
+def _mean(values: list[float | None]) -> float | None:
+    finite = [v for v in values if _finite(v)]
+    return float(np.mean(finite)) if finite else None
+
+
 def _common(values: list[float | None]) -> float | None:
     finite = [v for v in values if _finite(v)]
     return float(np.median(finite)) if finite else None
@@ -330,110 +400,3 @@ def _error(a: _Attempt) -> str:
     return f"run {a.status.lower()} (no error tag)"
 
 
-# -------------------------------------------------------------------------------------------------------- outputs
-
-def accuracy_text(row: dict[str, Any]) -> str:
-    if row["accuracy_mean"] is None:
-        return "failed" if row["failed_seeds"] else ""
-    if row["accuracy_std"] is None:
-        return f"{row['accuracy_mean']:.2f}"
-    return f"{row['accuracy_mean']:.2f} ± {row['accuracy_std']:.2f}"
-
-
-def _seeds_text(row: dict[str, Any]) -> str:
-    return str(row["n_seeds"]) + (f" (+{row['failed_seeds']} failed)" if row["failed_seeds"] else "")
-
-
-def _cell_text(text: str) -> str:
-    return " ".join(str(text).split()).replace("|", "\\|")
-
-
-def _markdown(sweep: str, parent, rows: list[dict[str, Any]], failed: list[dict[str, str]],
-              reference: float | None, n_trials: int) -> str:
-    tags = parent.data.tags
-    lines = [f"# Sweep {sweep}: experimental results", ""]
-    meta = [f"parent run `{parent.info.run_id}`"]
-    if tags.get(CONFIG_HASH):
-        meta.append(f"config hash `{tags[CONFIG_HASH]}`")
-    meta.append(f"{n_trials} teacher and trial runs, {len(failed)} failed")
-    lines += ["; ".join(meta) + ".", ""]
-    if not rows:
-        return "\n".join([*lines, "No teacher or trial runs found under this sweep.", ""])
-    seeds = any(r["n_seeds"] > 1 or r["failed_seeds"] for r in rows)
-    header = ["Methods", "Accuracy", "No. of Parameters", "Times Smaller"] + (["Seeds"] if seeds else [])
-    lines += ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
-    block = None
-    for r in rows:
-        if r["block"] != block:
-            block = r["block"]
-            lines.append("| " + " | ".join([f"*{block}*"] + [""] * (len(header) - 1)) + " |")
-        cells = [_cell_text(r["method"]), accuracy_text(r), "" if r["params"] is None else str(r["params"]),
-                 "" if r["times_smaller"] is None else f"{r['times_smaller']:.1f}"]
-        if seeds:
-            cells.append(_seeds_text(r))
-        lines.append("| " + " | ".join(cells) + " |")
-    notes = ["", "Accuracy: test accuracy in percent" + (", mean ± sample standard deviation over seeds" if seeds
-                                                          else "") + ".",
-             "Times Smaller: mean teacher parameter count over the student's (a distillation row: its own teachers"]
-    notes[-1] += ("; a fine-tuned row: the teachers used alone, "
-                  f"{reference:,.0f} parameters on average)." if reference else ").")
-    lines += notes
-    if failed:
-        lines += ["", "## Failed trials", "", "| Trial | Method | Status | Error |", "|---|---|---|---|"]
-        for f in failed:
-            error = _cell_text(f["error"])
-            error = error if len(error) <= 300 else error[:297] + "..."
-            lines.append(f"| `{f['trial_id']}` | {_cell_text(f['method'])} | {f['status']} | {error} |")
-    return "\n".join(lines) + "\n"
-
-
-def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    with path.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({k: "" if r[k] is None else r[k] for k in CSV_COLUMNS})
-
-
-def _write_png(path: Path, sweep: str, rows: list[dict[str, Any]]) -> None:
-    chart(sweep, rows).savefig(path, dpi=100)
-
-
-def chart(sweep: str, rows: list[dict[str, Any]]):
-    """The report's bar chart (a matplotlib Figure): one bar per finished cell, labelled with its algorithm, coloured
-    by block; error bars (std over seeds) only where a cell has several seeds."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.patches import Patch
-
-    shown = [r for r in rows if r["accuracy_mean"] is not None]
-    fig = Figure(figsize=(10, 1.5 + 0.38 * max(len(shown), 1)), layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    ax.set_title(f"Sweep {sweep}: test accuracy")
-    if not shown:
-        ax.text(0.5, 0.5, "no finished runs", ha="center", va="center", transform=ax.transAxes)
-        ax.set_axis_off()
-        return fig
-    means = np.array([r["accuracy_mean"] for r in shown])
-    stds = np.array([r["accuracy_std"] or 0.0 for r in shown])
-    spread = any(r["accuracy_std"] is not None for r in shown)
-    blocks = list(dict.fromkeys(r["block"] for r in shown))
-    colours = {b: f"C{i}" for i, b in enumerate(blocks)}
-    y = np.arange(len(shown))
-    # a cell of one seed gets no error bar (NaN draws none), not a bar of zero width
-    errors = [np.nan if r["accuracy_std"] is None else r["accuracy_std"] for r in shown]
-    ax.barh(y, means, xerr=errors if spread else None, color=[colours[r["block"]] for r in shown], capsize=3,
-            height=0.7)
-    ax.set_yticks(y, [r["label"] for r in shown], fontsize=8)
-    ax.invert_yaxis()
-    low = max(0.0, math.floor(float(np.min(means - stds)) / 5) * 5 - 5)
-    high = min(100.0, float(np.max(means + stds)) + 3)
-    ax.set_xlim(low, max(high, low + 1))
-    for yi, (m, s) in enumerate(zip(means, stds)):
-        ax.text(m + s + 0.1, yi, f"{m:.2f}", va="center", fontsize=7)
-    ax.set_xlabel("test accuracy (%)" + (f", axis from {low:g}" if low > 0 else "")
-                  + ("; error bars: std over seeds" if spread else ""))
-    fig.legend(handles=[Patch(color=colours[b], label=b) for b in blocks], fontsize=7, loc="outside lower center",
-               ncols=min(len(blocks), 3))
-    return fig

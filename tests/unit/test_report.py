@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import yaml
 
-from launcher.report import BLOCKS, CSV_COLUMNS, ReportError, build_report, chart
+from launcher.report import BLOCKS, CSV_COLUMNS, ReportError, build_report, chart, cost_chart
 
 SWEEP = "paper"
 DISTILBERT, TINYBERT = 66955010, 14350874  # the report's parameter counts
@@ -18,6 +18,7 @@ TEACHER_ACC = {"BERT": 0.938, "BERT2": 0.941, "RoBERTa": 0.9295}
 STUDENTS = {"DistilBERT": DISTILBERT, "TinyBERT": TINYBERT}
 SETS = {"none": [], "bert": ["BERT"], "roberta": ["RoBERTa"], "bert_roberta": ["BERT", "RoBERTa"],
         "bert_bert2": ["BERT", "BERT2"]}
+COST_S = {"finetune": 100, "kd": 200, "metadistil": 600}  # a trial's train time; its step time in ms
 OOM = "CUDA out of memory: tried to allocate 2.00 GiB | pipe in the message"
 NAN = "NonFiniteLossError: train step 12: loss kd=nan is not finite"
 
@@ -109,7 +110,9 @@ def sweep(tmp_path_factory):
                 store.run(tags, sizes, status="FAILED", error="preempted (retried)", parent=parent)
             acc = round(base + rng.normal(0, 0.006), 4)
             logged[(algorithm, tset, student, warmup, noise)].append(acc)
-            store.run(tags, {"test_accuracy": acc, "best_val_accuracy": acc + 0.002, **sizes}, parent=parent)
+            cost = {"train_wall_time_s": COST_S[algorithm] + seed, "time_train_step_s": COST_S[algorithm] / 1000,
+                    "peak_memory_mb": 1000 + 10 * seed}
+            store.run(tags, {"test_accuracy": acc, "best_val_accuracy": acc + 0.002, **sizes, **cost}, parent=parent)
     return {"store": store, "parent": parent, "other": other, "logged": logged}
 
 
@@ -118,17 +121,23 @@ def report(sweep, tmp_path_factory):
     return build_report(sweep["store"].uri, SWEEP, tmp_path_factory.mktemp("report"))
 
 
-def _table(markdown):
-    """{(block, method): [accuracy, params, times smaller, seeds]} from the report's main table."""
-    rows, block = {}, None
+PAPER = ("Accuracy", "No. of Parameters", "Times Smaller", "Seeds")
+
+
+def _table(markdown, columns=PAPER):
+    """{(block, method): [the row's value in each of ``columns``, by header]} from the report's main table."""
+    rows, block, header = {}, None, []
     for line in markdown.split("## Failed trials")[0].splitlines():
-        if not line.startswith("| ") or line.startswith("| Methods"):
+        if not line.startswith("| "):
             continue
         cells = [c.strip() for c in line.strip("|").split(" | ")]
-        if cells[0].startswith("*"):
+        if cells[0] == "Methods":
+            header = cells
+        elif cells[0].startswith("*"):
             block = cells[0].strip("*")
         else:
-            rows[(block, cells[0])] = cells[1:]
+            by = dict(zip(header, cells))
+            rows[(block, cells[0])] = [by[c] for c in columns if c in by]
     return rows
 
 
@@ -228,8 +237,10 @@ def test_png_and_artifacts_on_the_parent(report, sweep):
         assert image.size[0] > 500 and image.size[1] > 500
     client = sweep["store"].client
     names = {f.path for f in client.list_artifacts(sweep["parent"], "report")}
-    assert names == {"report/report.csv", "report/report.png", "report/report.md"}
+    assert names == {"report/report.csv", "report/report.png", "report/report.md", "report/report_cost.png"}
     assert set(report.attached) == names
+    assert report.written == (f"wrote {report.md_path}, {report.csv_path}, {report.png_path} and "
+                              f"{report.cost_png_path}") and report.cost_png_path.name == "report_cost.png"
     assert client.list_artifacts(sweep["other"]) == []
 
 
@@ -313,3 +324,100 @@ def test_the_report_reads_the_tags_the_driver_writes(tmp_path):
     noisy = cells[(BLOCKS[5], "Big Small (with noise: noisy) (distill.alpha=0.5) [MetaDistil]")]
     assert noisy["label"] == "MetaDistil: Big → Small (with noise: noisy) (distill.alpha=0.5)"
     assert got.failed == []
+
+
+def _csv_by_method(report):
+    with report.csv_path.open() as fh:
+        return {(r["block"], r["method"]): r for r in csv.DictReader(fh)}
+
+
+def _paired(cell, baseline):
+    """The reference: scipy's paired t-test on the seeds both cells have (the first ones, as they are logged)."""
+    from scipy import stats
+
+    n = min(len(cell), len(baseline))
+    a, b = 100 * np.array(cell[:n]), 100 * np.array(baseline[:n])
+    return float(np.mean(a - b)), float(stats.ttest_rel(a, b).pvalue)
+
+
+def test_confidence_interval_per_cell(report, sweep):
+    from scipy import stats
+
+    pct = 100 * np.array(sweep["logged"][("finetune", "none", "DistilBERT", "0", "off")])
+    half = stats.t.ppf(0.975, df=2) * pct.std(ddof=1) / np.sqrt(3)
+    row = _csv_by_method(report)[(BLOCKS[1], "DistilBERT")]
+    assert float(row["accuracy_ci_low"]) == pytest.approx(pct.mean() - half)
+    assert float(row["accuracy_ci_high"]) == pytest.approx(pct.mean() + half)
+    assert _table(report.markdown, ("95% CI",))[(BLOCKS[1], "DistilBERT")] == [
+        f"[{pct.mean() - half:.2f}, {pct.mean() + half:.2f}]"]
+    assert _table(report.markdown, ("95% CI",))[(BLOCKS[2], "BERT DistilBERT")][0].startswith("[")
+    assert _table(report.markdown, ("95% CI",))[("Teachers", "BERT")] == [""]  # one seed: no interval
+
+
+def test_distillation_rows_are_compared_with_kd_over_paired_seeds(report, sweep):
+    logged, csv_rows = sweep["logged"], _csv_by_method(report)
+    table = _table(report.markdown, ("Δ vs KD",))
+    kd, md, _, noise, warm = BLOCKS[2:7]
+
+    diff, p = _paired(logged[("metadistil", "bert", "DistilBERT", "0", "off")],
+                      logged[("kd", "bert", "DistilBERT", "0", "off")])
+    row = csv_rows[(md, "BERT DistilBERT")]
+    assert (row["vs_kd_baseline"], row["vs_kd_seeds"]) == ("BERT DistilBERT", "1 2 3")
+    assert float(row["vs_kd_diff"]) == pytest.approx(diff) and float(row["vs_kd_p"]) == pytest.approx(p)
+    assert float(row["vs_kd_ci_low"]) < diff < float(row["vs_kd_ci_high"])
+    assert table[(md, "BERT DistilBERT")] == [f"{diff:+.2f} (p={p:.3f})" + ("*" if p < 0.05 else "")]
+
+    # no noisy KD cell with these teachers: the noisy MetaDistil row is compared with clean KD, on seeds 1 and 2
+    diff, p = _paired(logged[("metadistil", "bert_roberta", "DistilBERT", "0", "light")],
+                      logged[("kd", "bert_roberta", "DistilBERT", "0", "off")])
+    row = csv_rows[(noise, "BERT + RoBERTa DistilBERT (with noise: light) [MetaDistil]")]
+    assert (row["vs_kd_baseline"], row["vs_kd_seeds"]) == ("BERT + RoBERTa DistilBERT", "1 2")
+    assert float(row["vs_kd_p"]) == pytest.approx(p)
+    assert csv_rows[(warm, "BERT DistilBERT (warm-up 1 epoch) [MetaDistil]")]["vs_kd_baseline"] == "BERT DistilBERT"
+
+    # a noisy KD row of one seed has its clean baseline but nothing to pair; plain KD and fine-tuned rows have none
+    assert table[(noise, "BERT DistilBERT (with noise: light) [KD]")] == ["n/a"]
+    row = csv_rows[(noise, "BERT DistilBERT (with noise: light) [KD]")]
+    assert (row["vs_kd_baseline"], row["vs_kd_p"]) == ("BERT DistilBERT", "")
+    assert table[(kd, "BERT DistilBERT")] == table[(BLOCKS[1], "DistilBERT")] == [""]
+    assert csv_rows[(kd, "BERT DistilBERT")]["vs_kd_baseline"] == ""
+
+
+def test_several_teachers_are_compared_with_their_best_single_teacher(report, sweep):
+    logged, csv_rows = sweep["logged"], _csv_by_method(report)
+    table = _table(report.markdown, ("Δ vs one teacher",))
+    # KD with BERT alone beats KD with RoBERTa alone, so BERT is the single teacher to beat
+    diff, p = _paired(logged[("kd", "bert_roberta", "DistilBERT", "0", "off")],
+                      logged[("kd", "bert", "DistilBERT", "0", "off")])
+    row = csv_rows[(BLOCKS[2], "BERT + RoBERTa DistilBERT")]
+    assert (row["vs_one_teacher_baseline"], row["vs_one_teacher_seeds"]) == ("BERT DistilBERT", "1 2")
+    assert float(row["vs_one_teacher_diff"]) == pytest.approx(diff)
+    assert table[(BLOCKS[2], "BERT + RoBERTa DistilBERT")] == [f"{diff:+.2f} (p={p:.3f})" + ("*" if p < 0.05 else "")]
+    # MetaDistil's pair of BERTs: only BERT ran alone with MetaDistil
+    assert csv_rows[(BLOCKS[4], "BERT + BERT2 DistilBERT")]["vs_one_teacher_baseline"] == "BERT DistilBERT"
+    assert table[(BLOCKS[3], "BERT DistilBERT")] == [""]
+
+
+def test_cost_columns_and_cost_chart(report, sweep, tmp_path):
+    from PIL import Image
+
+    table = _table(report.markdown, ("Train time (s)", "Step (ms)", "Peak memory (MB)"))
+    assert table[(BLOCKS[2], "BERT DistilBERT")] == ["202", "200", "1030"]  # seeds 1-3: 201..203 s, max memory
+    assert table[(BLOCKS[2], "BERT TinyBERT")] == ["202", "200", "1020"]  # seeds 1-2: 201.5 s
+    assert table[(BLOCKS[3], "RoBERTa TinyBERT")] == ["", "", ""]  # its one seed failed
+    row = _csv_by_method(report)[(BLOCKS[3], "BERT DistilBERT")]
+    assert (float(row["train_wall_time_s"]), float(row["step_time_s"]), float(row["peak_memory_mb"])) == \
+        (602.0, pytest.approx(0.6), 1030.0)
+
+    with Image.open(report.cost_png_path) as image:
+        image.verify()
+    ax = cost_chart(SWEEP, report.rows).axes[0]
+    points = np.concatenate([c.get_offsets() for c in ax.collections])
+    timed = [r for r in report.rows if r["accuracy_mean"] is not None and r["train_wall_time_s"]]
+    assert len(points) == len(timed) == 12  # the teachers logged no train time
+    assert ax.get_xscale() == "log" and "MetaDistil: BERT → DistilBERT" in {t.get_text() for t in ax.texts}
+
+    other = build_report(sweep["store"].uri, "other", tmp_path, attach=False)
+    assert "Train time" not in other.markdown and "Δ vs KD" not in other.markdown and "CI" not in other.markdown
+    assert [t.get_text() for t in cost_chart("other", other.rows).axes[0].texts] == [
+        "no finished runs logged a train time"]
