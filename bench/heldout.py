@@ -2,6 +2,7 @@
 
     python bench/heldout.py configs/sweep/sst2_cpu.yaml --size 10000 --csv runs/reports/sst2_cpu/heldout.csv
     python bench/heldout.py configs/sweep/sst2_cpu_metadistil.yaml --heldout-of configs/sweep/sst2_cpu.yaml
+    python bench/heldout.py configs/sweep/sst2_cpu.yaml --save-data heldout.tsv   # for `metadistil evaluate --sweep`
 
 A trial's own test split (1,000 examples in sst2_cpu) puts one example at 0.1 points of accuracy, about as large as the
 gaps between cells. Every trial of the plan (the teachers' fine-tuning included) draws its train, quiz and test examples
@@ -45,6 +46,14 @@ def heldout_set(plan: Plan, size: int, seed: int = 0) -> TextSet:
     picked = np.random.default_rng(seed).permutation(free)[:size]
     # By length: each batch pads to its longest text, and accuracy does not depend on the order.
     return source.take(sorted(picked.tolist(), key=lambda i: (len(source.texts[i]), i)))
+
+
+def save_tsv(data: TextSet, path: Path) -> None:
+    """The examples as a tsv that ``read_labelled`` reads back (columns sentence, label; tabs and newlines in a text
+    become spaces, which no tokenizer tells apart)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = [f"{' '.join(text.split())}\t{label}" for text, label in zip(data.texts, data.labels)]
+    path.write_text("sentence\tlabel\n" + "\n".join(rows) + "\n")
 
 
 def cell_of(trial: Trial) -> str:
@@ -100,12 +109,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--csv", help="also write one row per trial here")
+    parser.add_argument("--save-data", metavar="FILE", help="write the held-out examples here (tsv: sentence, label) "
+                        "and stop: `metadistil evaluate --sweep NAME --data FILE` scores the sweep on them")
     args = parser.parse_args(argv)
 
     plan = expand(*load_spec(args.spec))
     source = expand(*load_spec(args.heldout_of)) if args.heldout_of else plan
     data = heldout_set(source, args.size, args.seed)
     print(f"held-out set: {len(data)} examples no trial of {source.spec.name} used", file=sys.stderr)
+    if args.save_data:
+        save_tsv(data, Path(args.save_data))
+        print(f"wrote {args.save_data}", file=sys.stderr)
+        return 0
     rows = score_trials(plan, data, args.batch_size, args.device)
     if args.csv:
         Path(args.csv).parent.mkdir(parents=True, exist_ok=True)

@@ -127,9 +127,17 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+SWEEP_ONLY = ("tracking_uri", "experiment", "name", "out", "no_attach")  # evaluate's options for --sweep alone
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     import json
 
+    if args.sweep:
+        return _evaluate_sweep(args)
+    given = [f"--{key.replace('_', '-')}" for key in SWEEP_ONLY if getattr(args, key) not in (None, False)]
+    if given:
+        raise ConfigError(f"{given[0]}: only with --sweep (--model scores one model)")
     from launcher.tracking import local_model_folder
     from trainer.evaluation import score_saved
     from trainer.models import pick_device
@@ -147,6 +155,34 @@ def _evaluate(args: argparse.Namespace) -> int:
                                                    "data": args.data}, indent=2))
         except OSError as err:  # checked writable above, but a disk can still fill up
             raise ConfigError(f"--json: cannot write {args.json!r} ({err.strerror})") from None
+    return 0
+
+
+def _evaluate_sweep(args: argparse.Namespace) -> int:
+    import json
+
+    from launcher.report import ReportError
+    from launcher.rescore import rescore_sweep
+    from launcher.tracking import local_store, resolve_tracking
+
+    tracking = resolve_tracking(args.tracking_uri, args.experiment or "metadistil", default=local_store())
+    if args.json:
+        from trainer.preflight import check_output_file
+
+        check_output_file("--json", Path(args.json))
+    try:
+        result = rescore_sweep(tracking.uri, tracking.experiment, args.sweep, args.data,
+                               (args.text_column, args.label_column), args.max_length, args.batch_size, args.device,
+                               Path(args.out or f"runs/reports/{args.sweep}"), args.name, not args.no_attach)
+    except ReportError as err:
+        raise ConfigError(f"--sweep: {err}") from None
+    print(result.report.markdown)
+    print(f"scored {len(result.scores)} students on {result.examples} examples of {args.data} (metric "
+          f"{result.metric} on their MLflow runs), {len(result.skipped)} skipped\n{result.report.written}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"metric": result.metric, "examples": result.examples, "data": args.data,
+                                               "sweep": args.sweep, "scores": result.scores,
+                                               "skipped": result.skipped}, indent=2))
     return 0
 
 
@@ -186,8 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--experiment", default="metadistil", help="MLflow experiment of the sweep")
     report.add_argument("--no-attach", action="store_true", help="do not attach the files to the sweep's run")
     report.set_defaults(func=_report)
-    evaluate = add_parser("evaluate", help="accuracy of a saved student on any labelled file")
-    evaluate.add_argument("--model", required=True,
+    evaluate = add_parser("evaluate", help="accuracy of a saved student, or of every student of a sweep, on any "
+                          "labelled file")
+    scored = evaluate.add_mutually_exclusive_group(required=True)
+    scored.add_argument("--model",
                           help="saved model folder (e.g. runs/.../student), or an MLflow model URI: "
                                "models:/<name>@<alias>, models:/<name>/<version> or runs:/<run id>/<path>, read from "
                                "MLFLOW_TRACKING_URI, else ./mlflow.db")
@@ -197,7 +235,19 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--max-length", type=int, default=128)
     evaluate.add_argument("--batch-size", type=int, default=64)
     evaluate.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    evaluate.add_argument("--json", help="also write {accuracy, examples, model, data} to this file")
+    scored.add_argument("--sweep", help="score every finished teacher and trial of this sweep (its latest MLflow "
+                        "parent run), log the scores to their runs and rebuild Table 1 on the file")
+    evaluate.add_argument("--json", help="also write {accuracy, examples, model, data} to this file (with --sweep: "
+                          "{metric, examples, data, sweep, scores by trial, skipped})")
+    evaluate.add_argument("--name", help="with --sweep: the runs' metric is eval_<name>_accuracy (default: the file's "
+                          "name without its suffix)")
+    evaluate.add_argument("--tracking-uri", help="with --sweep: MLflow URI (default MLFLOW_TRACKING_URI, else "
+                          "./mlflow.db)")
+    evaluate.add_argument("--experiment", help="with --sweep: MLflow experiment of the sweep (default metadistil)")
+    evaluate.add_argument("--out", help="with --sweep: folder for the rebuilt report (default runs/reports/<sweep>; "
+                          "the files go to its eval_<name>/)")
+    evaluate.add_argument("--no-attach", action="store_true", help="with --sweep: do not attach the rebuilt report "
+                          "to the sweep's run")
     evaluate.set_defaults(func=_evaluate)
     return parser
 

@@ -44,7 +44,7 @@ from typing import Any, TypeGuard
 import numpy as np
 
 from launcher.identity import OFF, ROLE, SWEEP, TrialIdentity
-from launcher.report_render import CSV_COLUMNS, chart, cost_chart, markdown, write_csv
+from launcher.report_render import CSV_COLUMNS, TEST, chart, cost_chart, markdown, write_csv
 from launcher.significance import confidence_interval, paired_comparison
 from launcher.tracking import client as mlflow_client
 from trainer.logging import redact_uri
@@ -55,7 +55,7 @@ DISTILL = ("kd", "metadistil")
 BLOCKS = ("Teachers", "Fine-Tuned Models", "Student Model with KD", "Student Model with MetaDistil",
           "Student Model with MetaDistil + Additional Teacher", "With Noise", "With Warm-up")
 ALGORITHM_NAMES = {"finetune": "Fine-tune", "kd": "KD", "metadistil": "MetaDistil"}
-__all__ = ["BLOCKS", "CSV_COLUMNS", "Report", "ReportError", "build_report", "chart", "cost_chart"]
+__all__ = ["BLOCKS", "CSV_COLUMNS", "Report", "ReportError", "build_report", "chart", "cost_chart", "sweep_attempts"]
 
 
 class ReportError(ValueError):
@@ -90,10 +90,13 @@ class _Attempt:
     start_time: int
     tags: dict[str, str]
     metrics: dict[str, float]
+    params: dict[str, str]
+    model_ids: list[str]  # the run's logged models (the student)
+    score_key: str = "test_accuracy"  # the metric the report scores the run by
 
     @property
     def ok(self) -> bool:
-        return self.status == "FINISHED" and _finite(self.metrics.get("test_accuracy"))
+        return self.status == "FINISHED" and _finite(self.metrics.get(self.score_key))
 
     @property
     def trial_id(self) -> str:
@@ -117,12 +120,15 @@ class _Cell:
 
 
 def build_report(tracking_uri: str, sweep: str, out_dir: Path, experiment: str = "metadistil",
-                 attach: bool = True) -> Report:
-    """Read the sweep ``sweep`` from MLflow at ``tracking_uri`` and write its Table 1 to ``out_dir``."""
+                 attach: bool = True, metric: str = "test_accuracy", scored: str = TEST,
+                 artifact_dir: str = "report") -> Report:
+    """Read the sweep ``sweep`` from MLflow at ``tracking_uri`` and write its Table 1 to ``out_dir``: by the runs'
+    ``metric``, which ``scored`` describes (``launcher.rescore`` rebuilds it on other data), attached under
+    ``artifact_dir``."""
     client = mlflow_client(tracking_uri)
-    parent = _parent_run(client, tracking_uri, sweep, experiment)
-    children = _children(client, parent.info.experiment_id, parent.info.run_id)
-    attempts = _latest_attempts(children)
+    parent, attempts = sweep_attempts(client, tracking_uri, sweep, experiment)
+    for a in attempts:
+        a.score_key = metric
 
     cells = _cells(attempts)
     reference = _reference_teacher_params(attempts)
@@ -135,21 +141,27 @@ def build_report(tracking_uri: str, sweep: str, out_dir: Path, experiment: str =
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path, png_path, md_path = out_dir / "report.csv", out_dir / "report.png", out_dir / "report.md"
     cost_png_path = out_dir / "report_cost.png"
-    text = markdown(sweep, parent, rows, failed, reference, len(attempts))
+    text = markdown(sweep, parent, rows, failed, reference, len(attempts), scored)
     write_csv(csv_path, rows)
-    chart(sweep, rows).savefig(png_path, dpi=100)
-    cost_chart(sweep, rows).savefig(cost_png_path, dpi=100)
+    chart(sweep, rows, scored).savefig(png_path, dpi=100)
+    cost_chart(sweep, rows, scored).savefig(cost_png_path, dpi=100)
     md_path.write_text(text)
 
     attached: list[str] = []
     if attach:
         for path in (md_path, csv_path, png_path, cost_png_path):
-            client.log_artifact(parent.info.run_id, str(path), artifact_path="report")
-            attached.append(f"report/{path.name}")
+            client.log_artifact(parent.info.run_id, str(path), artifact_path=artifact_dir)
+            attached.append(f"{artifact_dir}/{path.name}")
     return Report(sweep, parent.info.run_id, text, rows, failed, csv_path, png_path, md_path, cost_png_path, attached)
 
 
 # ---------------------------------------------------------------------------------------------------- reading runs
+
+def sweep_attempts(client, uri: str, sweep: str, experiment: str) -> tuple[Any, list[_Attempt]]:
+    """The sweep's parent run and, per teacher and trial id, the attempt that counts (``_latest_attempts``)."""
+    parent = _parent_run(client, uri, sweep, experiment)
+    return parent, _latest_attempts(_children(client, parent.info.experiment_id, parent.info.run_id))
+
 
 def _parent_run(client, uri: str, sweep: str, experiment: str):
     where = f"at tracking URI {redact_uri(uri)}"
@@ -185,8 +197,9 @@ def _latest_attempts(runs: list) -> list[_Attempt]:
         tags = dict(run.data.tags)
         if tags.get(ROLE) not in ("teacher", "trial"):
             continue
+        outputs = run.outputs.model_outputs if run.outputs else []
         attempt = _Attempt(run.info.run_id, TrialIdentity.from_tags(tags), run.info.status, run.info.start_time or 0,
-                           tags, dict(run.data.metrics))
+                           tags, dict(run.data.metrics), dict(run.data.params), [o.model_id for o in outputs])
         by_trial[attempt.trial_id].append(attempt)
     chosen = []
     for attempts in by_trial.values():
@@ -283,7 +296,7 @@ def _epochs(value: float) -> str:
 # ----------------------------------------------------------------------------------------------------------- rows
 
 def _row(c: _Cell, reference: float | None) -> dict[str, Any]:
-    acc = [100.0 * a.metrics["test_accuracy"] for a in c.ok]
+    acc = [100.0 * a.metrics[a.score_key] for a in c.ok]
     interval = confidence_interval(acc)
     params = _common([a.metrics.get("student_params") for a in c.ok] or
                      [a.metrics.get("student_params") for a in c.failed])
@@ -314,7 +327,7 @@ def _row(c: _Cell, reference: float | None) -> dict[str, Any]:
         "peak_memory_mb": max((m for a in c.ok if _finite(m := a.metrics.get("peak_memory_mb"))), default=None),
         "failed_seeds": len(c.failed),
         "label": c.label,
-        "by_seed": {a.identity.seed: 100.0 * a.metrics["test_accuracy"] for a in c.ok if a.identity.seed is not None},
+        "by_seed": {a.identity.seed: 100.0 * a.metrics[a.score_key] for a in c.ok if a.identity.seed is not None},
         "baselines": {},
         "vs_kd": None,
         "vs_one_teacher": None,
@@ -396,7 +409,7 @@ def _error(a: _Attempt) -> str:
     if a.tags.get("error"):
         return a.tags["error"]
     if a.status == "FINISHED":
-        return "finished without a test_accuracy metric"
+        return f"finished without a {a.score_key} metric"
     return f"run {a.status.lower()} (no error tag)"
 
 

@@ -24,6 +24,7 @@ CSV_COLUMNS = ("block", "method", "algorithm", "teachers", "student", "warmup", 
                "accuracy_std", "accuracy_ci_low", "accuracy_ci_high",
                *(f"{c}_{f}" for c in COMPARISONS for f in COMPARISON_FIELDS),
                "params", "times_smaller", "train_wall_time_s", "step_time_s", "peak_memory_mb", "failed_seeds")
+TEST = "test accuracy"  # what the rows score unless the report is rebuilt on other data (launcher.rescore)
 COST = {"train_wall_time_s": ("Train time (s)", "{:.0f}"), "step_time_s": ("Step (ms)", "{:.0f}"),
         "peak_memory_mb": ("Peak memory (MB)", "{:.0f}")}
 
@@ -64,9 +65,9 @@ def _cell_text(text: str) -> str:
 
 
 def markdown(sweep: str, parent, rows: list[dict[str, Any]], failed: list[dict[str, str]],
-             reference: float | None, n_trials: int) -> str:
+             reference: float | None, n_trials: int, scored: str = TEST) -> str:
     tags = parent.data.tags
-    lines = [f"# Sweep {sweep}: experimental results", ""]
+    lines = [f"# Sweep {sweep}: experimental results" + ("" if scored == TEST else f", {scored}"), ""]
     meta = [f"parent run `{parent.info.run_id}`"]
     if tags.get(CONFIG_HASH):
         meta.append(f"config hash `{tags[CONFIG_HASH]}`")
@@ -92,7 +93,7 @@ def markdown(sweep: str, parent, rows: list[dict[str, Any]], failed: list[dict[s
                     "" if r["times_smaller"] is None else f"{r['times_smaller']:.1f}"]
                  + ([_seeds_text(r)] if seeds else []) + [_cost_cell(r, k) for k in costs])
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "Accuracy: test accuracy in percent" + (", mean ± sample standard deviation over seeds; "
+    lines += ["", f"Accuracy: {scored} in percent" + (", mean ± sample standard deviation over seeds; "
                                                           f"{LEVEL:.0%} CI: Student's t interval of the mean"
                                                           if seeds else "") + "."]
     if compared:
@@ -168,12 +169,12 @@ def _block_legend(fig, blocks: list[str], colours: dict[str, str]) -> None:
                ncols=min(len(blocks), 3))
 
 
-def chart(sweep: str, rows: list[dict[str, Any]]):
+def chart(sweep: str, rows: list[dict[str, Any]], scored: str = TEST):
     """The report's bar chart (a matplotlib Figure): one bar per finished cell, labelled with its algorithm, coloured
     by block; error bars (std over seeds) only where a cell has several seeds."""
     shown = [r for r in rows if r["accuracy_mean"] is not None]
     fig, ax = _figure(1.5 + 0.38 * max(len(shown), 1))
-    ax.set_title(f"Sweep {sweep}: test accuracy")
+    ax.set_title(f"Sweep {sweep}: {scored}")
     if not shown:
         return _empty(fig, ax, "no finished runs")
     means = np.array([r["accuracy_mean"] for r in shown])
@@ -193,18 +194,18 @@ def chart(sweep: str, rows: list[dict[str, Any]]):
     ax.set_xlim(low, max(high, low + 1))
     for yi, (m, s) in enumerate(zip(means, stds)):
         ax.text(m + s + 0.1, yi, f"{m:.2f}", va="center", fontsize=7)
-    ax.set_xlabel("test accuracy (%)" + (f", axis from {low:g}" if low > 0 else "")
+    ax.set_xlabel(f"{scored} (%)" + (f", axis from {low:g}" if low > 0 else "")
                   + ("; error bars: std over seeds" if spread else ""))
     _block_legend(fig, blocks, colours)
     return fig
 
 
-def cost_chart(sweep: str, rows: list[dict[str, Any]]):
+def cost_chart(sweep: str, rows: list[dict[str, Any]], scored: str = TEST):
     """Cost against score: one point per finished cell that logged its train time (x, log scale: teachers and
     students differ by orders of magnitude) and its accuracy (y), coloured by block and labelled."""
     shown = [r for r in rows if r["accuracy_mean"] is not None and r["train_wall_time_s"]]
     fig, ax = _figure(6.5)
-    ax.set_title(f"Sweep {sweep}: cost against test accuracy")
+    ax.set_title(f"Sweep {sweep}: cost against {scored}")
     if not shown:
         return _empty(fig, ax, "no finished runs logged a train time")
     blocks = list(dict.fromkeys(r["block"] for r in shown))
@@ -216,6 +217,6 @@ def cost_chart(sweep: str, rows: list[dict[str, Any]]):
     ax.set_xscale("log")
     ax.grid(alpha=0.3, zorder=0)
     ax.set_xlabel("train wall time per trial (s, mean over seeds, log scale)")
-    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylabel(f"{scored} (%)")
     _block_legend(fig, blocks, colours)
     return fig

@@ -290,10 +290,11 @@ def _dataset_source(split: DataSplit):
     return CodeDatasetSource({"generator": source})
 
 
-def local_model_folder(model: str) -> str:
+def local_model_folder(model: str, tracking_uri: str | None = None) -> str:
     """``evaluate --model``: a local folder as it is; an MLflow model URI (``models:/<name>@<alias>``,
     ``models:/<name>/<version>``, ``models:/<model id>``, ``runs:/<run id>/<path>``) downloaded from the tracking
-    store (``resolve_tracking``: MLFLOW_TRACKING_URI, else ./mlflow.db) to a temporary folder removed at exit.
+    store (``tracking_uri``, else ``resolve_tracking``: MLFLOW_TRACKING_URI, else ./mlflow.db) to a temporary folder
+    removed at exit.
 
     Returns the Hugging Face model folder inside the download: the shallowest folder holding ``config.json``, with the
     tokenizer files of the shallowest folder holding ``tokenizer_config.json`` copied in where they are elsewhere (the
@@ -305,7 +306,7 @@ def local_model_folder(model: str) -> str:
     from mlflow.exceptions import MlflowException
 
     try:
-        uri = resolve_tracking(None, "", default=local_store()).uri
+        uri = tracking_uri or resolve_tracking(None, "", default=local_store()).uri
     except ConfigError as err:
         raise ConfigError(f"--model {model}: {err}") from None
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():

@@ -96,7 +96,7 @@ def check_evaluation(model: str, data: str, text_column: str, label_column: str,
                           f"{folder.config.get('architectures')}); its head would score at random. Give a trial's "
                           f"saved student folder")
     if json_path:
-        _check_output_file("--json", Path(json_path))
+        check_output_file("--json", Path(json_path))
     examples = read_labelled(Path(data), text_column, label_column, EVALUATE_KEYS)
     n = folder.num_labels
     bad = next((i for i, label in enumerate(examples.labels) if not 0 <= label < n), None)
@@ -174,7 +174,7 @@ def one_line(err: BaseException) -> str:
     return " ".join(str(err).split()) or type(err).__name__
 
 
-def _check_output_file(key: str, file: Path) -> None:
+def check_output_file(key: str, file: Path) -> None:
     if file.is_dir():
         raise ConfigError(f"{key}: {str(file)!r} is a folder; give a file name")
     if not file.parent.is_dir():

@@ -88,3 +88,14 @@ def test_a_rerun_cell_is_scored_on_the_full_grids_heldout_set(tmp_path, model_di
     assert len(alone) > len(expected)
     assert heldout.main([str(tmp_path / "cell.yaml"), "--heldout-of", str(tmp_path / "sweep.yaml")]) == 0
     assert f"held-out set: {len(expected)} examples no trial of heldout used" in capsys.readouterr().err
+
+
+def test_saved_heldout_set_reads_back_for_evaluate_sweep(tmp_path, model_dirs):
+    from trainer.datafiles import read_labelled
+
+    plan = make_plan(tmp_path, model_dirs["bert"])
+    spec = tmp_path / "sweep.yaml"
+    assert heldout.main([str(spec), "--size", "30", "--save-data", str(tmp_path / "out" / "heldout.tsv")]) == 0
+    back = read_labelled(tmp_path / "out" / "heldout.tsv", "sentence", "label")
+    expected = heldout.heldout_set(plan, size=30)
+    assert (back.texts, back.labels) == (expected.texts, expected.labels) and len(back) == 30
