@@ -10,6 +10,8 @@ seq 64, batch 16, quiz 16) as teacher and student; bert-base (teacher BERT-base:
 intermediate 3072, vocab 30522; student the same with 6 layers, DistilBERT's size; seq 128, batch 32, quiz 16); tiny
 (``--quick``'s). Variants:
   * kd: ``trainer.algorithms.KD`` with a frozen teacher;
+  * kd_shared_logits: the same with the teacher's logits from ``data.logit_cache`` (``trainer.teacher_logits``:
+    computed once when the trial is built, then looked up), the student's forward and backward alone;
   * metadistil_k{1,4}_{forward_ad,finite_difference}: ``MetaDistil`` at meta_interval 1 and 4 (finite_difference is
     fp32 only: the trial config refuses it in bf16);
   * metadistil_k1_double_backward: the naive second-order reference;

@@ -46,11 +46,12 @@ class Variant:
     quiz: int = 0  # quiz batch size (metadistil)
     small_quiz: bool = False
     update: str = "exact"  # metadistil.update
+    shared_logits: bool = False  # kd: the teacher's logits from data.logit_cache (trainer.teacher_logits)
 
 
 def variants_for(shape: Shape, precision: str) -> list[Variant]:
     methods = [m for m in METHODS if precision == "fp32" or m != "finite_difference"]
-    out = [Variant("kd", "kd")]
+    out = [Variant("kd", "kd"), Variant("kd_shared_logits", "kd", shared_logits=True)]
     for small in (False, True):
         quiz = shape.small_quiz if small else shape.quiz
         suffix = f"_q{quiz}" if small else ""
@@ -105,6 +106,8 @@ def variant_config(args, shape: Shape, v: Variant, workdir: Path):
         "deepspeed": {"enabled": args.precision != "fp32", "precision": args.precision},
         "output": {"dir": str(workdir / "out")},
     }
+    if v.shared_logits:
+        raw["data"]["logit_cache"] = str(workdir / "teacher_logits")
     if v.algorithm == "metadistil":
         raw["metadistil"] = {"meta_interval": v.k, "meta_gradient": v.method, "quiz_batch_size": v.quiz,
                              "update": v.update}
@@ -122,6 +125,7 @@ def build_variant(args, shape: Shape, v: Variant, workdir: Path, quiz_batches: d
 
 def make_batches(shape: Shape, n: int, size: int, seed: int, with_teachers: bool):
     """``n`` Batches of random token ids: [CLS] ... [SEP] then padding, lengths from seq/2 to seq (one full)."""
+    import numpy as np
     import torch
 
     from trainer.data import Batch
@@ -141,8 +145,9 @@ def make_batches(shape: Shape, n: int, size: int, seed: int, with_teachers: bool
         ids[~mask] = pad
         student = {"input_ids": ids, "attention_mask": mask.long()}
         labels = torch.randint(0, 2, (size,), generator=gen)
-        # One teacher with the student's tokenizer: the Collator hands both the same tensors.
-        out.append(Batch(labels, student, [student] if with_teachers else []))
+        # One teacher with the student's tokenizer: the Collator hands both the same tensors. The indices are the
+        # train split's (of shape.batch examples), where shared teacher logits are looked up.
+        out.append(Batch(labels, student, [student] if with_teachers else [], np.arange(size)))
     return out
 
 

@@ -349,6 +349,7 @@ def _trial(combo: dict[str, Any], spec: SweepSpec, base: dict[str, Any], teacher
     raw = apply_overrides(raw, [f"{k}={json.dumps(v)}" for k, v in combo.items() if k not in AXES])
     raw.setdefault("output", {})["dir"] = str(Path(spec.storage_path) / spec.name / "trials" / tid)
     raw.setdefault("data", {}).setdefault("token_cache", token_cache_dir(spec.storage_path))
+    raw["data"].setdefault("logit_cache", str(Path(spec.storage_path) / "teacher_logits"))
     config = _validated(raw, tid)
     _check_workers(config, combo["workers"], tid)
     return Trial(tid, combo, config, members, combo["workers"])

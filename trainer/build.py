@@ -11,10 +11,12 @@ import math
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
 
+from trainer import teacher_logits
 from trainer.algorithms import KD, FineTune, MetaDistil
 from trainer.config import TrialConfig
 from trainer.data import Batch, Collator, Splits, TextSet, load_splits
@@ -22,6 +24,7 @@ from trainer.distributed import check_workers, shard, world
 from trainer.engine import Engine, Schedule, wrap
 from trainer.metrics import PhaseTimer
 from trainer.models import Loaded, count_parameters, load_model, pick_device, student_from_teacher, times_smaller
+from trainer.teacher_logits import SharedLogits
 
 
 @dataclass
@@ -48,13 +51,33 @@ class Trial:
             return FineTune(student)
         if cfg.algorithm == "kd":
             frozen = [t.model.to(self.device).eval().requires_grad_(False) for t in self.teachers]
-            return KD(student, frozen, cfg.distill)
+            return KD(student, frozen, cfg.distill, self.shared_teacher_logits(frozen))
         if quiz_batches is None:
             k = cfg.metadistil.meta_interval
             quiz_batches = quiz_stream(self.splits.quiz, self.collate, cfg.metadistil.quiz_batch_size, cfg.seed,
                                        self.device, start=(start + k - 1) // k)  # meta steps already taken
         teachers = [self.engines[f"teacher_{i}"] for i in range(len(self.teachers))]
         return MetaDistil(student, teachers, cfg.distill, cfg.metadistil, quiz_batches, self.timer)
+
+
+    def shared_teacher_logits(self, frozen: list[torch.nn.Module]) -> SharedLogits | None:
+        """The frozen teachers' logits on the train split from ``data.logit_cache``, computed there by the first
+        trial that needs them; None where they do not apply (``teacher_logits.shared_folder``)."""
+        cfg = self.cfg
+        folder = teacher_logits.shared_folder(cfg.algorithm, cfg.noise.teacher.p, cfg.data.logit_cache)
+        if folder is None:
+            return None
+        per_teacher = []
+        with self.timer("teacher_logits"):
+            for i, (loaded, module) in enumerate(zip(self.teachers, frozen)):
+                key = teacher_logits.logits_key(teacher_logits.weights_digest(module), loaded.tokenizer,
+                                                self.splits.train.texts, cfg.data.max_length, self.device.type)
+                logits, _ = teacher_logits.load_or_compute(
+                    folder, key,
+                    partial(teacher_logits.compute, module, i, self.collate, self.splits.train, cfg.eval.batch_size,
+                            self.device), rows=len(self.splits.train))
+                per_teacher.append(logits)
+        return SharedLogits(per_teacher, self.device)
 
 
 def build_trial(cfg: TrialConfig, device: torch.device | None = None) -> Trial:

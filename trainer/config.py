@@ -48,6 +48,10 @@ class DataConfig(_Section):
     split_seed: int | None = Field(None, ge=0, description="Seed of the split draw; null uses the trial seed.")
     token_cache: str | None = Field(None, description="Folder of texts tokenized once per tokenizer (a sweep writes "
                                     "it before its trials); texts not in it are tokenized on the fly. null = none.")
+    logit_cache: str | None = Field(None, description="Folder of teacher logits shared by KD trials without teacher "
+                                    "noise: the first trial computes a teacher's logits on its train split, later "
+                                    "ones with the same weights, tokenizer and texts load them and skip the teacher's "
+                                    "forward pass (a sweep sets <storage_path>/teacher_logits). null = none.")
     train_subset_seed: int | None = Field(None, ge=0, description="Draw the train examples from the pool left after "
                                           "test, quiz and carved validation with this seed (teachers fine-tuned on "
                                           "different subsets); null takes the split draw's next train_size examples.")

@@ -182,12 +182,13 @@ class Batch:
     labels: torch.Tensor
     student: dict[str, torch.Tensor]
     teachers: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    indices: np.ndarray | None = None  # the examples' positions in their split (shared teacher logits look them up)
 
     def to(self, device: torch.device | str) -> Batch:
         move = lambda d: {k: v.to(device) for k, v in d.items()}  # noqa: E731
         moved: dict[int, dict] = {}
         teachers = [moved.setdefault(id(t), move(t)) for t in self.teachers]
-        return Batch(self.labels.to(device), move(self.student), teachers)
+        return Batch(self.labels.to(device), move(self.student), teachers, self.indices)
 
 
 class Collator:
@@ -255,7 +256,7 @@ class Collator:
         import torch
 
         labels = torch.tensor([data.labels[i] for i in indices], dtype=torch.long)
-        return Batch(labels, student, teachers)
+        return Batch(labels, student, teachers, np.asarray(indices))
 
 
 def index_batches(n: int, batch_size: int, seed: int | None, epoch: int = 0) -> Iterator[np.ndarray]:

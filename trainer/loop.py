@@ -89,7 +89,7 @@ def _run(cfg: TrialConfig, log: Loggers, progress: bool, on_eval, checkpoint_dir
             if checkpoint_dir else None)
     evaluate = partial(accuracy, student.module, splits.validation, trial.collate, cfg.eval.batch_size, trial.device)
     best = _train(algorithm, trial, total, log, progress, phase="train", stream_seed=cfg.seed,
-                  with_teachers=cfg.algorithm != "finetune", evaluate=evaluate, on_eval=on_eval, start=start,
+                  with_teachers=algorithm.needs_teacher_inputs, evaluate=evaluate, on_eval=on_eval, start=start,
                   best=best, save=save)
 
     student.module.load_state_dict(best["state"])

@@ -9,6 +9,7 @@ texts, which change every epoch) are tokenized on the fly.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,7 +18,12 @@ import torch
 
 def cache_key(tokenizer, max_length: int) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    identity = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
+    if backend is not None:
+        # a call with padding or truncation stores them in the backend's JSON: the same tokenizer, before and after
+        state = json.loads(backend.to_str())
+        identity = json.dumps({k: v for k, v in state.items() if k not in ("truncation", "padding")}, sort_keys=True)
+    else:
+        identity = repr(sorted(tokenizer.get_vocab().items()))
     digest = hashlib.sha256(f"{identity}|{max_length}|{tokenizer.padding_side}".encode()).hexdigest()
     return f"{digest[:16]}-len{max_length}"
 
@@ -81,7 +87,7 @@ def prepare_token_caches(configs: Sequence) -> list[Path]:
     for cfg in configs:
         if not cfg.data.token_cache:
             continue
-        data_key = cfg.data.model_dump_json(exclude={"token_cache", "train_subset_seed", "split_seed"})
+        data_key = cfg.data.model_dump_json(exclude={"token_cache", "logit_cache", "train_subset_seed", "split_seed"})
         for i, spec in enumerate([cfg.student, *cfg.teachers]):
             source = spec.tokenizer or spec.name
             if source not in tokenizers:

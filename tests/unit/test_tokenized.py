@@ -66,3 +66,12 @@ def test_prepare_writes_one_file_per_tokenizer_and_extends_it(model_dirs, tmp_pa
     prepare_token_caches([config(80, ["bert"])])  # more texts: the caches of its two tokenizers grow
     grown = [p for p in written if len(torch.load(p, weights_only=True)["ids"]) > size_before[p]]
     assert len(grown) == 2
+
+
+def test_the_key_of_a_tokenizer_does_not_change_when_it_is_used(tokenizers):
+    from trainer.tokenized import cache_key
+
+    tok = copy.deepcopy(tokenizers["bpe"])
+    before = cache_key(tok, 32)
+    tok(["a good film", "bad"], padding=True, truncation=True, max_length=8)
+    assert cache_key(tok, 32) == before != cache_key(tok, 16)

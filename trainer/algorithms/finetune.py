@@ -10,6 +10,8 @@ from trainer.losses import cross_entropy
 class FineTune:
     name = "finetune"
 
+    needs_teacher_inputs = False
+
     def __init__(self, student: Engine):
         self.student = student
 

@@ -11,6 +11,7 @@ from trainer.config import DistillConfig
 from trainer.data import Batch
 from trainer.engine import Engine
 from trainer.losses import average_logits, distillation_loss
+from trainer.teacher_logits import SharedLogits
 
 # What the teachers are: frozen modules here, engines that train them in MetaDistil.
 Teacher = TypeVar("Teacher", bound=Callable[..., Any])
@@ -19,16 +20,24 @@ Teacher = TypeVar("Teacher", bound=Callable[..., Any])
 class KD(Generic[Teacher]):
     name = "kd"
 
-    def __init__(self, student: Engine, teachers: Sequence[Teacher], distill: DistillConfig):
+    def __init__(self, student: Engine, teachers: Sequence[Teacher], distill: DistillConfig,
+                 shared: SharedLogits | None = None):
         self.student = student
         self.teachers = list(teachers)
         self.distill = distill
+        self.shared = shared  # the frozen teachers' logits, computed once for the sweep (trainer.teacher_logits)
+
+    @property
+    def needs_teacher_inputs(self) -> bool:
+        return self.shared is None
 
     def loss(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return distillation_loss(student_logits, teacher_logits, labels, self.distill.temperature, self.distill.alpha)
 
     @torch.no_grad()
     def teacher_logits(self, batch: Batch) -> torch.Tensor:
+        if self.shared is not None and batch.indices is not None:
+            return self.shared(batch.indices)
         return average_logits([teacher(**inputs).logits for teacher, inputs in zip(self.teachers, batch.teachers)])
 
     def train_step(self, batch: Batch, step: int) -> dict[str, float]:

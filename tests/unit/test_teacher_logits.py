@@ -1,0 +1,124 @@
+"""trainer.teacher_logits: KD trials share their frozen teachers' logits through the sweep's storage, with the
+losses of recomputing them, and only where the teachers see clean text and never change."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from trainer import teacher_logits
+from trainer.build import build_trial
+from trainer.config import parse_config
+
+STEPS = 6
+
+
+def config(tmp_path, model_dirs, cache, algorithm="kd", **sections):
+    raw = {
+        "seed": 3, "algorithm": algorithm,
+        "data": {"name": "synthetic", "train_size": 96, "quiz_size": 16, "validation_size": 16, "test_size": 16,
+                 "max_length": 32, "logit_cache": cache},
+        "student": {"name": model_dirs["distilbert"]},
+        "teachers": [{"name": model_dirs["bert"]}, {"name": model_dirs["roberta"]}],
+        "optim": {"lr": 1e-3, "batch_size": 8, "max_steps": STEPS},
+        "metadistil": {"quiz_batch_size": 8},
+        "deepspeed": {"enabled": False},
+        "output": {"dir": str(tmp_path / "out")},
+    }
+    for key, value in sections.items():
+        raw[key] = {**raw.get(key, {}), **value}
+    return parse_config(raw)
+
+
+def run_steps(cfg):
+    """The trial's first training steps as the loop runs them: its losses and the student's weights."""
+    from trainer.loop import batch_stream
+
+    trial = build_trial(cfg)
+    algorithm = trial.algorithm()
+    losses = []
+    for step, (epoch, indices) in enumerate(batch_stream(len(trial.splits.train), 8, cfg.seed, STEPS)):
+        batch = trial.collate(trial.splits.train, indices, epoch, algorithm.needs_teacher_inputs).to(trial.device)
+        losses.append(algorithm.train_step(batch, step)["kd"])
+    return losses, {k: v.clone() for k, v in trial.engines["student"].module.state_dict().items()}, algorithm
+
+
+def test_shared_logits_train_as_recomputed_ones(tmp_path, model_dirs, monkeypatch):
+    cache = tmp_path / "logits"
+    reference, ref_weights, plain = run_steps(config(tmp_path, model_dirs, None))
+    assert plain.shared is None and plain.needs_teacher_inputs
+
+    first, first_weights, computed = run_steps(config(tmp_path, model_dirs, str(cache)))
+    files = sorted(cache.glob("*.safetensors"))
+    assert len(files) == 2 and computed.shared is not None and not computed.needs_teacher_inputs
+    np.testing.assert_allclose(first, reference, rtol=1e-5, atol=1e-6)
+    for key, value in ref_weights.items():
+        torch.testing.assert_close(first_weights[key], value, rtol=1e-4, atol=1e-6)
+
+    # a later trial loads them: its teachers never run
+    def refuse(*args, **kwargs):
+        raise AssertionError("a teacher ran although its logits are shared")
+
+    for model_type in ("BertForSequenceClassification", "RobertaForSequenceClassification"):
+        import transformers
+
+        monkeypatch.setattr(getattr(transformers, model_type), "forward", refuse)
+    again, _, _ = run_steps(config(tmp_path, model_dirs, str(cache)))
+    assert again == first
+
+
+def test_the_key_follows_weights_tokenizer_texts_and_length(model_dirs):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(model_dirs["bert"])
+    tok, other_tok = AutoTokenizer.from_pretrained(model_dirs["bert"]), AutoTokenizer.from_pretrained(
+        model_dirs["roberta"])
+    weights = teacher_logits.weights_digest(model)
+    key = teacher_logits.logits_key(weights, tok, ["a b", "c"], 32, "cpu")
+    assert key == teacher_logits.logits_key(teacher_logits.weights_digest(model), tok, ["a b", "c"], 32, "cpu")
+    with torch.no_grad():
+        next(model.parameters()).add_(1e-3)
+    changed = [teacher_logits.logits_key(teacher_logits.weights_digest(model), tok, ["a b", "c"], 32, "cpu"),
+               teacher_logits.logits_key(weights, other_tok, ["a b", "c"], 32, "cpu"),
+               teacher_logits.logits_key(weights, tok, ["c", "a b"], 32, "cpu"),
+               teacher_logits.logits_key(weights, tok, ["a b", "c"], 16, "cpu"),
+               teacher_logits.logits_key(weights, tok, ["a b", "c"], 32, "cuda")]
+    assert len({key, *changed}) == 6
+
+
+@pytest.mark.parametrize(("algorithm", "noise", "shared"), [("kd", 0.0, True), ("kd", 0.2, False),
+                                                            ("metadistil", 0.0, False), ("finetune", 0.0, False)])
+def test_only_kd_with_clean_teacher_inputs_shares(algorithm, noise, shared):
+    assert (teacher_logits.shared_folder(algorithm, noise, "/x") == "/x") is shared
+    assert teacher_logits.shared_folder(algorithm, noise, None) is None
+
+
+def test_an_unreadable_or_planted_file_is_recomputed_never_unpickled(tmp_path):
+    import pickle
+
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    logits = torch.randn(4, 2)
+    for content in (pickle.dumps(Payload()), b"\x00\x01garbage"):
+        (tmp_path / "k.safetensors").write_bytes(content)
+        got, loaded = teacher_logits.load_or_compute(tmp_path, "k", lambda: logits, rows=4)
+        assert not loaded and torch.equal(got, logits) and not marker.exists()
+    got, loaded = teacher_logits.load_or_compute(tmp_path, "k", lambda: torch.zeros(4, 2), rows=4)
+    assert loaded and torch.equal(got, logits)  # the replaced file now reads back
+    _, loaded = teacher_logits.load_or_compute(tmp_path, "k", lambda: torch.zeros(5, 2), rows=5)
+    assert not loaded  # logits of another split size are not these
+
+
+def test_a_sweeps_trials_share_one_folder_in_its_storage(tmp_path):
+    from pathlib import Path
+
+    from launcher.spec import expand, load_spec
+
+    plan = expand(*load_spec(Path(__file__).resolve().parents[2] / "configs" / "sweep" / "demo.yaml",
+                             [f"storage_path={tmp_path}"]))
+    assert {t.config.data.logit_cache for t in plan.trials} == {str(tmp_path / "teacher_logits")}
