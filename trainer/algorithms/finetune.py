@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
 from trainer.data import Batch
 from trainer.engine import Engine
 from trainer.losses import cross_entropy
+
+if TYPE_CHECKING:
+    from trainer.build import Trial
 
 
 class FineTune:
@@ -18,3 +24,8 @@ class FineTune:
         self.student.backward(loss)
         self.student.step()
         return {"ce": loss.item()}
+
+
+def build(trial: Trial, quiz: Iterator[Batch] | None) -> FineTune:
+    """The registry's builder (trainer/registry.py)."""
+    return FineTune(trial.engines["student"])
