@@ -1,10 +1,10 @@
 """The sweep spec: a base trial config plus grid axes, expanded by rule into validated trial configs.
 
 Axes: teacher sets, students, warm-up epochs, noise settings, algorithms, seeds, and any other trial key (``extra``).
-Combinations that mean nothing are dropped by rule: an algorithm without teachers (finetune) takes no teacher set, and
-warm-up and noise variants apply to the distillation algorithms only (trainer/registry.py says which are which).
-``include`` adds combinations, ``exclude`` removes them. Names and values that become folder names, repeated values and
-the storage folder are checked by ``launcher.spec_checks``.
+Combinations that mean nothing are dropped by rule: an algorithm without teachers (trainer/registry.py) takes no
+teacher set, and warm-up and noise variants apply to distillation only. ``include`` adds combinations, ``exclude``
+removes them. Names and values that become folder names, repeated values and the storage folder are checked by
+``launcher.spec_checks``.
 """
 
 from __future__ import annotations

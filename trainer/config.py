@@ -178,7 +178,8 @@ class EvalConfig(_Section):
 
 class OutputConfig(_Section):
     dir: str = Field("runs/trial", min_length=1, description="Folder for the saved student, metrics and config.")
-    save_teachers: bool = Field(False, description="Also save meta-updated teachers (metadistil only).")
+    save_teachers: bool = Field(False, description="Also save the teachers of an algorithm that trains them "
+                                "(metadistil: the meta-updated teachers).")
 
 
 class TrackingConfig(_Section):
