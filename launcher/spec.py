@@ -1,9 +1,10 @@
 """The sweep spec: a base trial config plus grid axes, expanded by rule into validated trial configs.
 
 Axes: teacher sets, students, warm-up epochs, noise settings, algorithms, seeds, and any other trial key (``extra``).
-Combinations that mean nothing are dropped by rule: finetune has no teachers, and warm-up and noise variants apply to
-the distillation algorithms only. ``include`` adds combinations, ``exclude`` removes them. Names and values that
-become folder names, repeated values and the storage folder are checked by ``launcher.spec_checks``.
+Combinations that mean nothing are dropped by rule: an algorithm without teachers (trainer/registry.py) takes no
+teacher set, and warm-up and noise variants apply to distillation only. ``include`` adds combinations, ``exclude``
+removes them. Names and values that become folder names, repeated values and the storage folder are checked by
+``launcher.spec_checks``.
 """
 
 from __future__ import annotations
@@ -30,9 +31,9 @@ from launcher.spec_checks import (
     refuse_storage_uri,
     warn_unmatched_excludes,
 )
+from trainer import registry
 from trainer.config import (
-    ALGORITHMS,
-    Algorithm,
+    AlgorithmName,
     ConfigError,
     NoiseConfig,
     StudentConfig,
@@ -76,7 +77,8 @@ class TeacherRecipe(_Section):
 
 
 class GridSpec(_Section):
-    algorithm: list[Algorithm] = Field(list(ALGORITHMS), min_length=1, description="Algorithms.")
+    algorithm: list[AlgorithmName] = Field(default_factory=lambda: list(registry.names()), min_length=1,
+                                           description="Algorithms; the default is every registered one.")
     teacher_set: list[str] | None = Field(None, min_length=1, description="Teacher-set names; null = all of "
                                           "teacher_sets.")
     student: list[str] | None = Field(None, min_length=1, description="Student names; null = all of students.")
@@ -100,8 +102,8 @@ class Combination(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     # None defaults mean "not given" (include: the grid's first value; exclude: any); a given null is refused
-    algorithm: Algorithm = NOT_GIVEN
-    teacher_set: str | None = None  # null: no teachers (finetune)
+    algorithm: AlgorithmName = NOT_GIVEN
+    teacher_set: str | None = None  # null: no teachers (an algorithm without teachers)
     student: str = NOT_GIVEN
     warmup: float = Field(NOT_GIVEN, ge=0)
     noise: str = NOT_GIVEN
@@ -170,9 +172,10 @@ class SweepSpec(_Section):
             unknown = [n for n in names or [] if n not in defined]
             if unknown:
                 raise ValueError(f"grid.{axis}: unknown names {unknown} (defined: {', '.join(defined)})")
-        distills = any(a != "finetune" for a in self.grid.algorithm)
-        if distills and not self.teacher_sets:
-            raise ValueError("teacher_sets: kd and metadistil need at least one teacher set")
+        distilling = [a for a in self.grid.algorithm if a in registry.distilling()]
+        if distilling and not self.teacher_sets:
+            raise ValueError(f"teacher_sets: the grid's {', '.join(distilling)} distil from teachers; define at "
+                             "least one teacher set")
 
     def _check_combinations(self) -> None:
         for kind, combos in (("include", self.include), ("exclude", self.exclude)):
@@ -317,12 +320,10 @@ def _add(trials: dict[str, Trial], trial: Trial) -> None:
 
 
 def _normalise(combo: dict[str, Any], spec: SweepSpec) -> dict[str, Any]:
-    """Apply the rules that make combinations meaningful (finetune: no teachers, no warm-up, no noise).
-
-    Axes an include item leaves out take the grid's first value.
-    """
+    """Apply the rules that make combinations meaningful (an algorithm without teachers: no teacher set, no warm-up,
+    no noise). Axes an include item leaves out take the grid's first value."""
     combo = dict(combo)
-    if combo.get("algorithm") == "finetune":
+    if registry.get(combo["algorithm"]).teachers == "none":
         combo.update(teacher_set=None, warmup=0.0, noise=_off_name(spec))
     return combo
 

@@ -11,20 +11,17 @@ import math
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import partial
 
 import numpy as np
 import torch
 
-from trainer import teacher_logits
-from trainer.algorithms import KD, FineTune, MetaDistil
+from trainer import registry
 from trainer.config import TrialConfig
 from trainer.data import Batch, Collator, Splits, TextSet, load_splits
 from trainer.distributed import check_workers, shard, world
 from trainer.engine import Engine, Schedule, wrap
 from trainer.metrics import PhaseTimer
 from trainer.models import Loaded, count_parameters, load_model, pick_device, student_from_teacher, times_smaller
-from trainer.teacher_logits import SharedLogits
 
 
 @dataclass
@@ -37,47 +34,23 @@ class Trial:
     collate: Collator
     student: Loaded
     teachers: list[Loaded]
-    engines: dict[str, Engine]  # "student", and "teacher_<i>" for the teachers metadistil trains
+    engines: dict[str, Engine]  # "student", and "teacher_<i>" for trainable teachers
     timer: PhaseTimer
     sizes: dict[str, float]  # parameter counts, taken before wrapping (ZeRO-3 empties the wrapped parameters)
     warmup_steps: int  # student fine-tuning steps before distillation
     train_steps: int
 
-    def algorithm(self, start: int = 0, quiz_batches: Iterator[Batch] | None = None) -> FineTune | KD | MetaDistil:
+    def algorithm(self, start: int = 0, quiz_batches: Iterator[Batch] | None = None) -> registry.Algorithm:
         """The trial's algorithm, continuing after ``start`` training steps: a resumed trial's quiz draws go on where
         they stopped. ``quiz_batches`` replaces the quiz stream (benchmarks feed batches of a fixed shape)."""
-        cfg, student = self.cfg, self.engines["student"]
-        if cfg.algorithm == "finetune":
-            return FineTune(student)
-        if cfg.algorithm == "kd":
-            frozen = [t.model.to(self.device).eval().requires_grad_(False) for t in self.teachers]
-            return KD(student, frozen, cfg.distill, self.shared_teacher_logits(frozen))
+        cfg, spec = self.cfg, registry.get(self.cfg.algorithm)
+        if not spec.quiz:
+            return spec.make(self, None)
         if quiz_batches is None:
             k = cfg.metadistil.meta_interval
             quiz_batches = quiz_stream(self.splits.quiz, self.collate, cfg.metadistil.quiz_batch_size, cfg.seed,
                                        self.device, start=(start + k - 1) // k)  # meta steps already taken
-        teachers = [self.engines[f"teacher_{i}"] for i in range(len(self.teachers))]
-        return MetaDistil(student, teachers, cfg.distill, cfg.metadistil, quiz_batches, self.timer)
-
-
-    def shared_teacher_logits(self, frozen: list[torch.nn.Module]) -> SharedLogits | None:
-        """The frozen teachers' logits on the train split from ``data.logit_cache``, computed there by the first
-        trial that needs them; None where they do not apply (``teacher_logits.shared_folder``)."""
-        cfg = self.cfg
-        folder = teacher_logits.shared_folder(cfg.algorithm, cfg.noise.teacher.p, cfg.data.logit_cache)
-        if folder is None:
-            return None
-        per_teacher = []
-        with self.timer("teacher_logits"):
-            for i, (loaded, module) in enumerate(zip(self.teachers, frozen)):
-                key = teacher_logits.logits_key(teacher_logits.weights_digest(module), loaded.tokenizer,
-                                                self.splits.train.texts, cfg.data.max_length, self.device.type)
-                logits, _ = teacher_logits.load_or_compute(
-                    folder, key,
-                    partial(teacher_logits.compute, module, i, self.collate, self.splits.train, cfg.eval.batch_size,
-                            self.device), rows=len(self.splits.train))
-                per_teacher.append(logits)
-        return SharedLogits(per_teacher, self.device)
+        return spec.make(self, quiz_batches)
 
 
 def build_trial(cfg: TrialConfig, device: torch.device | None = None) -> Trial:
@@ -86,7 +59,8 @@ def build_trial(cfg: TrialConfig, device: torch.device | None = None) -> Trial:
     seed_everything(cfg.seed)
     device = device or pick_device(cfg.device)
     splits = load_splits(cfg.data, cfg.seed)
-    attn = "eager" if cfg.algorithm == "metadistil" and cfg.metadistil.meta_gradient == "double_backward" else None
+    algorithm = registry.get(cfg.algorithm)
+    attn = algorithm.attention(cfg) if algorithm.attention else None
     teachers = [load_model(spec, splits.num_labels, f"teachers.{i}", attn) for i, spec in enumerate(cfg.teachers)]
     student = _load_student(cfg, splits.num_labels, attn)
     collate = Collator.for_training(student.tokenizer, [t.tokenizer for t in teachers], cfg.data.max_length,
@@ -97,8 +71,8 @@ def build_trial(cfg: TrialConfig, device: torch.device | None = None) -> Trial:
     engines = {"student": wrap(student.model.to(device).train(), opt.lr, opt.weight_decay, cfg.deepspeed,
                                _worker_batch(opt.batch_size), opt.grad_clip,
                                Schedule(opt.schedule, warmup_steps + train_steps, opt.warmup_ratio))}
-    if cfg.algorithm == "metadistil":
-        # Teachers run without dropout: their logits are the student's targets. They still learn (meta-updates).
+    if algorithm.teachers == "trainable":
+        # Teachers run without dropout: their logits are the student's targets. They still learn, once a meta step.
         meta_steps = math.ceil(train_steps / meta.meta_interval)
         engines.update({f"teacher_{i}": wrap(t.model.to(device).eval(), meta.teacher_lr, opt.weight_decay,
                                              cfg.deepspeed, _worker_batch(opt.batch_size), opt.grad_clip,

@@ -11,16 +11,17 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
-from trainer.errors import ConfigError
+from trainer import registry
+from trainer.errors import ConfigError, ConfigKeyError
 from trainer.strict_yaml import StrictLoader, read_yaml
 
-Algorithm = Literal["finetune", "kd", "metadistil"]
-ALGORITHMS: tuple[Algorithm, ...] = get_args(Algorithm)
+# A registered algorithm's name (trainer/registry.py); a trial config's and a sweep grid's.
+AlgorithmName = Annotated[str, BeforeValidator(registry.known)]
 
 
 class _Section(BaseModel):
@@ -77,10 +78,10 @@ class StudentConfig(ModelConfig):
             negative = sorted({i for i in self.init_layers if i < 0})
             repeated = sorted({i for i in self.init_layers if self.init_layers.count(i) > 1})
             if negative or repeated:
-                # _KeyError (not ValueError) so that the message names student.init_layers, not just "student".
-                raise _KeyError("init_layers", f"must be distinct non-negative layer indices, got {self.init_layers}"
-                                + (f" (negative: {negative})" if negative else "")
-                                + (f" (repeated: {repeated})" if repeated else ""))
+                # ConfigKeyError (not ValueError) so that the message names student.init_layers, not just "student".
+                raise ConfigKeyError("init_layers", f"must be distinct non-negative layer indices, got "
+                                     f"{self.init_layers}" + (f" (negative: {negative})" if negative else "")
+                                     + (f" (repeated: {repeated})" if repeated else ""))
         return self
 
 
@@ -181,7 +182,8 @@ class EvalConfig(_Section):
 
 class OutputConfig(_Section):
     dir: str = Field("runs/trial", min_length=1, description="Folder for the saved student, metrics and config.")
-    save_teachers: bool = Field(False, description="Also save meta-updated teachers (metadistil only).")
+    save_teachers: bool = Field(False, description="Also save the teachers of an algorithm that trains them "
+                                "(metadistil: the meta-updated teachers).")
 
 
 class TrackingConfig(_Section):
@@ -195,7 +197,8 @@ class TrialConfig(_Section):
     # ge=0: numpy's SeedSequence (splits, batch order, noise) rejects negative seeds deep inside a run.
     seed: int = Field(42, ge=0, description="Seed of model heads, batch order, dropout, noise and (by default) the "
                       "splits.")
-    algorithm: Algorithm = Field("metadistil", description="finetune | kd | metadistil.")
+    algorithm: AlgorithmName = Field("metadistil", description=f"{' | '.join(registry.names())} (or an algorithm "
+                                     "registered in trainer/registry.py).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' picks cuda when available.")
     data: DataConfig = Field(default_factory=DataConfig, description="Dataset and splits.")
     student: StudentConfig = Field(default_factory=StudentConfig, description="The model being trained.")
@@ -214,44 +217,17 @@ class TrialConfig(_Section):
     @model_validator(mode="after")
     def _consistent(self) -> TrialConfig:
         # Each check raises with the key it concerns so that the message can name it.
-        if self.algorithm == "finetune" and self.teachers:
-            raise _KeyError("teachers", "finetune trains without teachers; remove teachers or choose kd/metadistil")
-        if self.algorithm != "finetune" and not self.teachers:
-            raise _KeyError("teachers", f"algorithm '{self.algorithm}' needs at least one teacher")
-        if self.algorithm == "metadistil" and self.deepspeed.enabled and self.deepspeed.zero_stage == 3:
-            raise _KeyError("deepspeed.zero_stage", "ZeRO-3 partitions parameters, which the meta step needs whole; "
-                            "use 0, 1 or 2 with metadistil")
-        if self.metadistil.quiz_batch_size > self.data.quiz_size and self.algorithm == "metadistil":
-            raise _KeyError("metadistil.quiz_batch_size", f"{self.metadistil.quiz_batch_size} exceeds "
-                            f"data.quiz_size={self.data.quiz_size}")
+        registry.get(self.algorithm).validate(self)
         if self.deepspeed.precision != "fp32" and not self.deepspeed.enabled:
-            raise _KeyError("deepspeed.precision", f"{self.deepspeed.precision} needs deepspeed.enabled: true "
-                            "(without DeepSpeed the trainer runs in fp32)")
-        if self.algorithm == "metadistil" and self.deepspeed.enabled and self.deepspeed.precision == "fp16":
-            raise _KeyError("deepspeed.precision", "fp16 cannot run algorithm 'metadistil': the meta step's "
-                            "gradients (about 1e-6) underflow in fp16 without loss scaling across the whole step; "
-                            "use bf16 (GPUs since Ampere) or fp32")
-        if (self.algorithm == "metadistil" and self.metadistil.meta_gradient == "finite_difference"
-                and self.deepspeed.enabled and self.deepspeed.precision != "fp32"):
-            raise _KeyError("metadistil.meta_gradient", f"finite_difference needs fp32 compute (its difference "
-                            f"quotient drowns in {self.deepspeed.precision} rounding); use forward_ad with "
-                            f"deepspeed.precision={self.deepspeed.precision}, or fp32")
+            raise ConfigKeyError("deepspeed.precision", f"{self.deepspeed.precision} needs deepspeed.enabled: true "
+                                 "(without DeepSpeed the trainer runs in fp32)")
         if self.deepspeed.precision == "fp16" and self.device == "cpu":
-            raise _KeyError("deepspeed.precision", "fp16 is not supported on CPU; use fp32 or bf16")
+            raise ConfigKeyError("deepspeed.precision", "fp16 is not supported on CPU; use fp32 or bf16")
         if self.optim.batch_size > self.data.train_size:
-            raise _KeyError("optim.batch_size", f"{self.optim.batch_size} exceeds data.train_size="
-                            f"{self.data.train_size}: a batch cannot hold more examples than the training set; "
-                            "lower it")
+            raise ConfigKeyError("optim.batch_size", f"{self.optim.batch_size} exceeds data.train_size="
+                                 f"{self.data.train_size}: a batch cannot hold more examples than the training set; "
+                                 "lower it")
         return self
-
-
-class _KeyError(ValueError):
-    """A validator's error about one key, given relative to the model that raises it."""
-
-    def __init__(self, key: str, message: str):
-        super().__init__(f"{key}: {message}")
-        self.key = key
-        self.message = message
 
 
 def _format_errors(err: ValidationError) -> str:
@@ -259,7 +235,7 @@ def _format_errors(err: ValidationError) -> str:
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"])
         ctx_err = (e.get("ctx") or {}).get("error")
-        if isinstance(ctx_err, _KeyError):
+        if isinstance(ctx_err, ConfigKeyError):
             # the key is relative to the raising model (e.g. StudentConfig): prefix its location ("student")
             lines.append(f"{key + '.' if key else ''}{ctx_err.key}: {ctx_err.message}")
             continue

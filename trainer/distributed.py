@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from trainer import registry
 from trainer.config import ConfigError, TrialConfig
 
 
@@ -61,10 +62,6 @@ def check_workers(cfg: TrialConfig, workers: int) -> None:
         problems.append("deepspeed.enabled must be true (DeepSpeed averages the workers' gradients)")
     if cfg.optim.batch_size % workers:
         problems.append(f"optim.batch_size={cfg.optim.batch_size} must split evenly over {workers} workers")
-    if cfg.algorithm == "metadistil" and cfg.metadistil.quiz_batch_size % workers:
-        problems.append(f"metadistil.quiz_batch_size={cfg.metadistil.quiz_batch_size} must split evenly over "
-                        f"{workers} workers")
-    if cfg.algorithm == "metadistil" and cfg.metadistil.meta_gradient == "double_backward":
-        problems.append("metadistil.meta_gradient=double_backward runs on one worker only")
+    problems += registry.get(cfg.algorithm).worker_problems(cfg, workers)
     if problems:
         raise ConfigError(f"with workers={workers}: {'; '.join(problems)}")

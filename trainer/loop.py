@@ -20,8 +20,8 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from trainer import checkpoint
-from trainer.algorithms import FineTune, MetaDistil
+from trainer import checkpoint, registry
+from trainer.algorithms.finetune import FineTune
 from trainer.build import Trial, build_trial
 from trainer.config import DataConfig, TrialConfig, digest, flatten
 from trainer.data import Splits, index_batches
@@ -89,8 +89,8 @@ def _run(cfg: TrialConfig, log: Loggers, progress: bool, on_eval, checkpoint_dir
             if checkpoint_dir else None)
     evaluate = partial(accuracy, student.module, splits.validation, trial.collate, cfg.eval.batch_size, trial.device)
     best = _train(algorithm, trial, total, log, progress, phase="train", stream_seed=cfg.seed,
-                  with_teachers=algorithm.needs_teacher_inputs, evaluate=evaluate, on_eval=on_eval, start=start,
-                  best=best, save=save)
+                  with_teachers=registry.get(cfg.algorithm).teachers != "none", evaluate=evaluate, on_eval=on_eval,
+                  start=start, best=best, save=save)
 
     student.module.load_state_dict(best["state"])
     test_acc = accuracy(student.module, splits.test, trial.collate, cfg.eval.batch_size, trial.device)
@@ -103,14 +103,14 @@ def _run(cfg: TrialConfig, log: Loggers, progress: bool, on_eval, checkpoint_dir
                **({"peak_memory_mb": max(peaks)} if peaks else {}), **trial.sizes, **phases}
     log.log_metrics(metrics, step=warmup_steps + total)
     if is_main():
-        _save(trial, algorithm, metrics, log)
+        _save(trial, metrics, log)
         if checkpoint_dir:
             checkpoint.remove(checkpoint_dir)  # the trial is complete; its outputs replace the checkpoint
     return TrialResult(metrics, Path(cfg.output.dir))
 
 
-def _train(algorithm, trial: Trial, steps: int, log: Loggers, progress: bool, phase: str, stream_seed: int,
-           with_teachers: bool, evaluate=None, on_eval=None, start: int = 0, best: dict | None = None,
+def _train(algorithm: registry.Algorithm, trial: Trial, steps: int, log: Loggers, progress: bool, phase: str,
+           stream_seed: int, with_teachers: bool, evaluate=None, on_eval=None, start: int = 0, best: dict | None = None,
            save=None) -> dict:
     """Run training steps ``start``..``steps``-1; with ``evaluate``, keep the best-validation weights (returned)
     and, with ``save``, checkpoint after each evaluation."""
@@ -157,15 +157,15 @@ def batch_stream(n: int, batch_size: int, seed: int, steps: int) -> Iterator[tup
         epoch += 1
 
 
-def _save(trial: Trial, algorithm, metrics: dict, log: Loggers) -> None:
+def _save(trial: Trial, metrics: dict, log: Loggers) -> None:
     out = Path(trial.cfg.output.dir)
     out.mkdir(parents=True, exist_ok=True)
     # engines wrap the Hugging Face models that build_trial loaded
     cast("PreTrainedModel", trial.engines["student"].module).save_pretrained(out / "student")
     trial.student.tokenizer.save_pretrained(out / "student")
-    if trial.cfg.output.save_teachers and isinstance(algorithm, MetaDistil):
-        for i, (engine, loaded) in enumerate(zip(algorithm.teachers, trial.teachers)):
-            cast("PreTrainedModel", engine.module).save_pretrained(out / f"teacher_{i}")
+    if trial.cfg.output.save_teachers and registry.get(trial.cfg.algorithm).teachers == "trainable":
+        for i, loaded in enumerate(trial.teachers):
+            cast("PreTrainedModel", trial.engines[f"teacher_{i}"].module).save_pretrained(out / f"teacher_{i}")
             loaded.tokenizer.save_pretrained(out / f"teacher_{i}")
     (out / "config.yaml").write_text(yaml.safe_dump(trial.cfg.model_dump(mode="json"), sort_keys=False))
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))

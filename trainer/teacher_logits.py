@@ -17,7 +17,9 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -26,13 +28,28 @@ from trainer.data import Collator, TextSet, index_batches
 from trainer.losses import average_logits
 from trainer.tokenized import cache_key as tokenizer_key
 
+if TYPE_CHECKING:
+    from trainer.build import Trial
+
 FORMAT = "v1"  # part of every key: a change of what is stored, or how, must not read old files
 
 
-def shared_folder(algorithm: str, teacher_noise_p: float, folder: str | None) -> str | None:
-    """``folder`` where shared logits stand in for a teacher's forward pass, else None: only where that pass would see
-    clean text and the teacher never changes, i.e. KD (MetaDistil's teachers learn) without teacher-side noise."""
-    return folder if folder and algorithm == "kd" and teacher_noise_p <= 0 else None
+def shared_logits(trial: Trial, frozen: list[torch.nn.Module]) -> SharedLogits | None:
+    """The frozen teachers' logits on the trial's train split from ``data.logit_cache``, computed there by the first
+    trial that needs them; None without a cache folder or with teacher-side noise (the teachers' inputs then change
+    every epoch). Only algorithms with frozen teachers ask: MetaDistil's teachers learn."""
+    cfg = trial.cfg
+    folder = cfg.data.logit_cache
+    if not folder or cfg.noise.teacher.p > 0:
+        return None
+    per_teacher = []
+    with trial.timer("teacher_logits"):
+        for i, (loaded, module) in enumerate(zip(trial.teachers, frozen)):
+            key = logits_key(weights_digest(module), loaded.tokenizer, trial.splits.train.texts, cfg.data.max_length,
+                             trial.device.type)
+            make = partial(compute, module, i, trial.collate, trial.splits.train, cfg.eval.batch_size, trial.device)
+            per_teacher.append(load_or_compute(folder, key, make, rows=len(trial.splits.train))[0])
+    return SharedLogits(per_teacher, trial.device)
 
 
 def weights_digest(model: torch.nn.Module) -> str:

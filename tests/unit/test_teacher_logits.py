@@ -4,7 +4,6 @@ losses of recomputing them, and only where the teachers see clean text and never
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 
 from trainer import teacher_logits
@@ -39,7 +38,7 @@ def run_steps(cfg):
     algorithm = trial.algorithm()
     losses = []
     for step, (epoch, indices) in enumerate(batch_stream(len(trial.splits.train), 8, cfg.seed, STEPS)):
-        batch = trial.collate(trial.splits.train, indices, epoch, algorithm.needs_teacher_inputs).to(trial.device)
+        batch = trial.collate(trial.splits.train, indices, epoch, with_teachers=True).to(trial.device)
         losses.append(algorithm.train_step(batch, step)["kd"])
     return losses, {k: v.clone() for k, v in trial.engines["student"].module.state_dict().items()}, algorithm
 
@@ -47,11 +46,11 @@ def run_steps(cfg):
 def test_shared_logits_train_as_recomputed_ones(tmp_path, model_dirs, monkeypatch):
     cache = tmp_path / "logits"
     reference, ref_weights, plain = run_steps(config(tmp_path, model_dirs, None))
-    assert plain.shared is None and plain.needs_teacher_inputs
+    assert plain.shared is None
 
     first, first_weights, computed = run_steps(config(tmp_path, model_dirs, str(cache)))
     files = sorted(cache.glob("*.safetensors"))
-    assert len(files) == 2 and computed.shared is not None and not computed.needs_teacher_inputs
+    assert len(files) == 2 and computed.shared is not None
     np.testing.assert_allclose(first, reference, rtol=1e-5, atol=1e-6)
     for key, value in ref_weights.items():
         torch.testing.assert_close(first_weights[key], value, rtol=1e-4, atol=1e-6)
@@ -87,11 +86,14 @@ def test_the_key_follows_weights_tokenizer_texts_and_length(model_dirs):
     assert len({key, *changed}) == 6
 
 
-@pytest.mark.parametrize(("algorithm", "noise", "shared"), [("kd", 0.0, True), ("kd", 0.2, False),
-                                                            ("metadistil", 0.0, False), ("finetune", 0.0, False)])
-def test_only_kd_with_clean_teacher_inputs_shares(algorithm, noise, shared):
-    assert (teacher_logits.shared_folder(algorithm, noise, "/x") == "/x") is shared
-    assert teacher_logits.shared_folder(algorithm, noise, None) is None
+def test_only_frozen_teachers_on_clean_text_share(tmp_path, model_dirs):
+    """Teacher-side noise changes the teachers' inputs every epoch; MetaDistil's teachers learn."""
+    cache = str(tmp_path / "logits")
+    noisy = build_trial(config(tmp_path, model_dirs, cache, noise={"teacher": {"p": 0.2}})).algorithm()
+    student_noise = build_trial(config(tmp_path, model_dirs, cache, noise={"student": {"p": 0.2}})).algorithm()
+    meta = build_trial(config(tmp_path, model_dirs, cache, algorithm="metadistil")).algorithm()
+    assert noisy.shared is None and meta.shared is None and student_noise.shared is not None
+    assert len(list((tmp_path / "logits").glob("*.safetensors"))) == 2  # the student-noise trial's two teachers
 
 
 def test_an_unreadable_or_planted_file_is_recomputed_never_unpickled(tmp_path):

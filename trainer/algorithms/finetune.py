@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
 from trainer.data import Batch
 from trainer.engine import Engine
 from trainer.losses import cross_entropy
 
+if TYPE_CHECKING:
+    from trainer.build import Trial
+
 
 class FineTune:
     name = "finetune"
-
-    needs_teacher_inputs = False
 
     def __init__(self, student: Engine):
         self.student = student
@@ -20,3 +24,8 @@ class FineTune:
         self.student.backward(loss)
         self.student.step()
         return {"ce": loss.item()}
+
+
+def build(trial: Trial, quiz: Iterator[Batch] | None) -> FineTune:
+    """The registry's builder (trainer/registry.py)."""
+    return FineTune(trial.engines["student"])

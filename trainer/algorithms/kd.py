@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any, Generic, TypeVar
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import torch
 
@@ -11,7 +11,10 @@ from trainer.config import DistillConfig
 from trainer.data import Batch
 from trainer.engine import Engine
 from trainer.losses import average_logits, distillation_loss
-from trainer.teacher_logits import SharedLogits
+from trainer.teacher_logits import SharedLogits, shared_logits
+
+if TYPE_CHECKING:
+    from trainer.build import Trial
 
 # What the teachers are: frozen modules here, engines that train them in MetaDistil.
 Teacher = TypeVar("Teacher", bound=Callable[..., Any])
@@ -26,10 +29,6 @@ class KD(Generic[Teacher]):
         self.teachers = list(teachers)
         self.distill = distill
         self.shared = shared  # the frozen teachers' logits, computed once for the sweep (trainer.teacher_logits)
-
-    @property
-    def needs_teacher_inputs(self) -> bool:
-        return self.shared is None
 
     def loss(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return distillation_loss(student_logits, teacher_logits, labels, self.distill.temperature, self.distill.alpha)
@@ -46,3 +45,9 @@ class KD(Generic[Teacher]):
         self.student.backward(loss)
         self.student.step()
         return {"kd": loss.item()}
+
+
+def build(trial: Trial, quiz: Iterator[Batch] | None) -> KD:
+    """The registry's builder (trainer/registry.py): the teachers frozen, on the trial's device."""
+    frozen = [t.model.to(trial.device).eval().requires_grad_(False) for t in trial.teachers]
+    return KD(trial.engines["student"], frozen, trial.cfg.distill, shared_logits(trial, frozen))

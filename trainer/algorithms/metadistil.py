@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -39,6 +40,9 @@ from trainer.distributed import average
 from trainer.engine import Engine, apply_gradients
 from trainer.losses import average_logits, cross_entropy
 from trainer.metrics import PhaseTimer
+
+if TYPE_CHECKING:
+    from trainer.build import Trial
 
 Params = dict[str, torch.Tensor]
 
@@ -160,6 +164,13 @@ class MetaDistil(KD[Engine]):
                 return jvp(logits_at, (primal,), (tangents,))[1]
         with self.student_kernel():
             return finite_difference_jvp(logits_at, primal, tangents, pilot_logits, dropout_state)
+
+
+def build(trial: Trial, quiz: Iterator[Batch] | None) -> MetaDistil:
+    """The registry's builder (trainer/registry.py): the teachers are the trial's teacher engines."""
+    assert quiz is not None, "the registry passes quiz batches to an algorithm declared with quiz=True"
+    teachers = [trial.engines[f"teacher_{i}"] for i in range(len(trial.teachers))]
+    return MetaDistil(trial.engines["student"], teachers, trial.cfg.distill, trial.cfg.metadistil, quiz, trial.timer)
 
 
 def logit_cross_term(loss: Callable, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
