@@ -47,14 +47,15 @@ from launcher.identity import OFF, ROLE, SWEEP, TrialIdentity
 from launcher.report_render import CSV_COLUMNS, TEST, chart, cost_chart, markdown, write_csv
 from launcher.significance import confidence_interval, paired_comparison
 from launcher.tracking import client as mlflow_client
+from trainer import registry
 from trainer.logging import redact_uri
 
 PARENT_TAG = "mlflow.parentRunId"
-DISTILL = ("kd", "metadistil")
+BASELINE = "kd"  # the algorithm every distillation cell is compared with
 
 BLOCKS = ("Teachers", "Fine-Tuned Models", "Student Model with KD", "Student Model with MetaDistil",
           "Student Model with MetaDistil + Additional Teacher", "With Noise", "With Warm-up")
-ALGORITHM_NAMES = {"finetune": "Fine-tune", "kd": "KD", "metadistil": "MetaDistil"}
+NOISE, WARMUP = BLOCKS[5:]  # the blocks of distillation with noise, and after a warm-up, whatever the algorithm
 __all__ = ["BLOCKS", "CSV_COLUMNS", "Report", "ReportError", "build_report", "chart", "cost_chart", "sweep_attempts"]
 
 
@@ -118,6 +119,10 @@ class _Cell:
     method: str = ""  # the table's name of the row, under its block's header
     label: str = ""  # the chart's, which has no block headers: names the algorithm too
 
+    @property
+    def distills(self) -> bool:
+        return self.block > 0 and self.algorithm in registry.distilling()
+
 
 def build_report(tracking_uri: str, sweep: str, out_dir: Path, experiment: str = "metadistil",
                  attach: bool = True, metric: str = "test_accuracy", scored: str = TEST,
@@ -134,7 +139,8 @@ def build_report(tracking_uri: str, sweep: str, out_dir: Path, experiment: str =
     reference = _reference_teacher_params(attempts)
     rows = [_row(cell, reference) for cell in cells]
     _compare(cells, rows)
-    failed = [{"trial_id": a.trial_id, "status": a.status, "error": _error(a), "block": BLOCKS[cell.block],
+    order = blocks()
+    failed = [{"trial_id": a.trial_id, "status": a.status, "error": _error(a), "block": order[cell.block],
                "method": cell.method} for cell in cells for a in cell.failed]
 
     out_dir = Path(out_dir)
@@ -233,19 +239,29 @@ def _cell_of(a: _Attempt) -> _Cell:
         return _Cell(0, "finetune", "", [], i.student, 0.0, OFF, ())
     algorithm, teacher_set, student, warmup, noise = i.algorithm, i.teacher_set or "none", i.student, i.warmup, i.noise
     # a run without a teachers tag: its set's name stands for its teachers
-    teachers = list(i.teachers) or ([teacher_set] if algorithm in DISTILL and i.teacher_set else [])
+    distilling = algorithm in registry.distilling()
+    teachers = list(i.teachers) or ([teacher_set] if distilling and i.teacher_set else [])
     extras = tuple(f"{key}={value}" for key, value in i.extra)
-    if algorithm not in DISTILL:  # finetune (or an unknown algorithm): no teachers, warm-up or noise
-        return _Cell(1, algorithm, teacher_set, [], student, warmup, noise, extras)
+    order = blocks()
+    if not distilling:  # finetune-like (or no longer registered): no teachers, warm-up or noise
+        block = registry.get(algorithm).block if algorithm in registry.names() else BLOCKS[1]
+        return _Cell(order.index(block), algorithm, teacher_set, [], student, warmup, noise, extras)
     if warmup > 0:
-        block = 6
+        block = WARMUP
     elif noise != OFF:
-        block = 5
-    elif algorithm == "kd":
-        block = 2
+        block = NOISE
     else:
-        block = 3 if len(teachers) <= 1 else 4
-    return _Cell(block, algorithm, teacher_set, teachers, student, warmup, noise, extras)
+        block = registry.get(algorithm).report_block(len(teachers))
+    return _Cell(order.index(block), algorithm, teacher_set, teachers, student, warmup, noise, extras)
+
+
+def blocks() -> tuple[str, ...]:
+    """The report's blocks in order: the paper's, with any block a registered algorithm adds before the noise and
+    warm-up blocks (which mix the distillation algorithms)."""
+    named = [b for spec in map(registry.get, registry.names())
+             for b in (spec.block, spec.several_teachers_block) if b]
+    added = [b for b in dict.fromkeys(named) if b not in BLOCKS]
+    return (*BLOCKS[:5], *added, *BLOCKS[5:])
 
 
 def _method(c: _Cell) -> str:
@@ -253,7 +269,7 @@ def _method(c: _Cell) -> str:
     if c.block == 0:
         return c.student
     name = " ".join([" + ".join(c.teachers), c.student]).strip() + _variant(c)
-    if c.block >= 5:  # these blocks mix KD and MetaDistil
+    if blocks()[c.block] in (NOISE, WARMUP):  # these blocks mix the distillation algorithms
         name += f" [{_algorithm_name(c)}]"
     return name
 
@@ -274,7 +290,8 @@ def _variant(c: _Cell) -> str:
 
 
 def _algorithm_name(c: _Cell) -> str:
-    return ALGORITHM_NAMES.get(c.algorithm, c.algorithm)
+    # MLflow may hold runs of an algorithm that is no longer registered: its name stands for its label
+    return registry.get(c.algorithm).label if c.algorithm in registry.names() else c.algorithm
 
 
 def _disambiguate(cells: list[_Cell]) -> None:
@@ -301,14 +318,14 @@ def _row(c: _Cell, reference: float | None) -> dict[str, Any]:
     params = _common([a.metrics.get("student_params") for a in c.ok] or
                      [a.metrics.get("student_params") for a in c.failed])
     times = None
-    if c.block == 1:
+    if c.block > 0 and not c.distills:
         logged = _common([a.metrics.get("times_smaller") for a in c.ok])
         times = logged if logged is not None else (reference / params if reference and params else None)
-    elif c.block > 1:
+    elif c.distills:
         times = _common([a.metrics.get("times_smaller") for a in c.ok] or
                         [a.metrics.get("times_smaller") for a in c.failed])
     return {
-        "block": BLOCKS[c.block],
+        "block": blocks()[c.block],
         "method": c.method,
         "algorithm": "teacher" if c.block == 0 else c.algorithm,
         "teachers": ",".join(c.teachers),
@@ -341,7 +358,7 @@ def _compare(cells: list[_Cell], rows: list[dict[str, Any]]) -> None:
     best single-teacher row of its teachers (``launcher.report_render`` says which baseline, in the table's note)."""
     index = {_key(c): r for c, r in zip(cells, rows)}
     for c, row in zip(cells, rows):
-        if c.block < 2:
+        if not c.distills:
             continue
         kd = _kd_baseline(c, index)
         if kd is not None:
@@ -354,10 +371,10 @@ def _compare(cells: list[_Cell], rows: list[dict[str, Any]]) -> None:
 
 
 def _kd_baseline(c: _Cell, index: dict[tuple, dict[str, Any]]) -> dict[str, Any] | None:
-    same = index.get(_key(c, algorithm="kd"))
-    if c.algorithm != "kd" and same is not None:
+    same = index.get(_key(c, algorithm=BASELINE))
+    if c.algorithm != BASELINE and same is not None:
         return same
-    clean = _key(c, algorithm="kd", warmup=0.0, noise=OFF)
+    clean = _key(c, algorithm=BASELINE, warmup=0.0, noise=OFF)
     return index.get(clean) if clean != _key(c) else None
 
 
@@ -381,7 +398,7 @@ def _reference_teacher_params(attempts: list[_Attempt]) -> float | None:
         i = a.identity
         if i.role == "teacher" and _finite(a.metrics.get("student_params")):
             params[i.student] = a.metrics["student_params"]
-        elif i.role == "trial" and i.algorithm in DISTILL:
+        elif i.role == "trial" and i.algorithm in registry.distilling():
             teachers = i.teachers
             if len(teachers) == 1:
                 single.add(teachers[0])

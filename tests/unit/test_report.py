@@ -421,3 +421,25 @@ def test_cost_columns_and_cost_chart(report, sweep, tmp_path):
     assert "Train time" not in other.markdown and "Δ vs KD" not in other.markdown and "CI" not in other.markdown
     assert [t.get_text() for t in cost_chart("other", other.rows).axes[0].texts] == [
         "no finished runs logged a train time"]
+
+
+def test_a_registered_algorithm_gets_its_block_label_and_kd_comparison(tmp_path, monkeypatch):
+    from trainer import registry
+
+    monkeypatch.setattr(registry, "_SPECS", dict(registry._SPECS))
+    registry.register(registry.AlgorithmSpec("toy_kd", "Toy KD", "Student Model with Toy KD", "frozen",
+                                             "trainer.algorithms.kd:build"))
+    store = _Store(tmp_path)
+    parent = store.parent("toy")
+    scores = {("kd", 1): 0.80, ("kd", 2): 0.82, ("toy_kd", 1): 0.85, ("toy_kd", 2): 0.88}
+    for (algorithm, seed), acc in scores.items():
+        store.run({"metadistil.role": "trial", "metadistil.trial_id": _trial_id(algorithm, "bert", "Small", "0", "off",
+                                                                                seed),
+                   "algorithm": algorithm, "teacher_set": "bert", "teachers": "BERT", "student": "Small",
+                   "warmup": "0", "noise": "off", "seed": str(seed)}, {"test_accuracy": acc}, parent=parent)
+    got = build_report(store.uri, "toy", tmp_path / "report", attach=False)
+    headers = [line.strip("| ").strip("*") for line in got.markdown.splitlines() if line.startswith("| *")]
+    assert headers == [BLOCKS[2], "Student Model with Toy KD"]  # after the paper's blocks, before noise and warm-up
+    toy = next(r for r in got.rows if r["algorithm"] == "toy_kd")
+    assert toy["label"] == "Toy KD: BERT → Small" and toy["baselines"] == {"vs_kd": "BERT Small"}
+    assert toy["vs_kd"].diff_mean == pytest.approx(5.5) and toy["vs_kd"].seeds == (1, 2)
