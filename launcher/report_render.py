@@ -215,6 +215,13 @@ def cost_chart(sweep: str, rows: list[dict[str, Any]], scored: str = TEST):
         ax.annotate(r["label"], (r["train_wall_time_s"], r["accuracy_mean"]), fontsize=6, xytext=(4, 2),
                     textcoords="offset points")
     ax.set_xscale("log")
+    from matplotlib.ticker import FuncFormatter
+
+    # seconds as plain numbers (10, 20, 30), not matplotlib's 2×10^1 between powers of ten
+    seconds = FuncFormatter(lambda x, _: f"{x:g}")
+    ax.xaxis.set_major_formatter(seconds)
+    ax.xaxis.set_minor_formatter(seconds)
+    ax.tick_params(axis="x", which="minor", labelsize=7)
     ax.grid(alpha=0.3, zorder=0)
     ax.set_xlabel("train wall time per trial (s, mean over seeds, log scale)")
     ax.set_ylabel(f"{scored} (%)")
