@@ -85,7 +85,7 @@ def test_two_teachers_with_different_tokenizers_are_averaged(model_dirs):
     batch = Collator(student_tok, toks, 32, NoiseConfig(), seed=0)(data, range(6))
     assert batch.teachers[0]["input_ids"].shape != batch.teachers[1]["input_ids"].shape or \
         not torch.equal(batch.teachers[0]["input_ids"], batch.teachers[1]["input_ids"])
-    seen = KD(student=None, teachers=teachers, distill=None).teacher_logits(batch)
+    (seen,) = KD(student=None, teachers=teachers, distill=None).teacher_outputs(batch)
     with torch.no_grad():
         for i, text in enumerate(data.texts):  # one example at a time, no padding: the reference
             each = [t(**tok(text, return_tensors="pt")).logits[0] for t, tok in zip(teachers, toks)]

@@ -163,8 +163,8 @@ def test_lagged_step_is_the_exact_step_on_the_teachers_before_their_update(token
                           MetaDistilConfig(pilot_lr=PILOT_LR, quiz_batch_size=4, meta_gradient=method, update=update),
                           quiz_batches=itertools.repeat(quiz))
         if pre_update_teachers:  # the teachers are in eval mode: their logits before the update are deterministic
-            frozen = algo.teacher_logits(batch)
-            monkeypatch.setattr(algo, "teacher_logits", lambda _batch: frozen)
+            frozen = algo.teacher_outputs(batch)
+            monkeypatch.setattr(algo, "teacher_outputs", lambda _batch: frozen)
         torch.manual_seed(5)
         losses = algo.train_step(batch, step=0)
         after = {n: p.detach() for n, p in s.named_parameters()}
@@ -202,12 +202,12 @@ def test_one_sided_difference_is_accurate_in_float32(tokenizers):
     theta = {n: p.detach().requires_grad_() for n, p in student.named_parameters()}
     state = rng_state(batch.labels.device)
     pilot_logits = forward(student, theta, batch.student)
-    v = torch.autograd.grad(cross_entropy(forward(student, theta, quiz.student), quiz.labels), list(theta.values()))
+    v = torch.autograd.grad(cross_entropy(forward(student, theta, quiz.student)[0], quiz.labels), list(theta.values()))
     primal, tangents = {n: p.detach() for n, p in theta.items()}, dict(zip(theta, v))
     logits_at = lambda params: forward(student, params, batch.student)  # noqa: E731
     with replay_rng(state), torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
-        exact = jvp(logits_at, (primal,), (tangents,))[1]
-    approx = finite_difference_jvp(logits_at, primal, tangents, pilot_logits.detach(), state)
+        (exact,) = jvp(logits_at, (primal,), (tangents,))[1]
+    (approx,) = finite_difference_jvp(logits_at, primal, tangents, tuple(o.detach() for o in pilot_logits), state)
     error = ((approx - exact).norm() / exact.norm()).item()
     assert exact.norm() > 0
     assert error < 2e-3, f"relative error {error:.2e}"
@@ -220,10 +220,10 @@ def _spy_forward(monkeypatch, record):
 
     forward = metadistil.forward
 
-    def spy(module, params, inputs):
-        logits = forward(module, params, inputs)
-        record.append((inputs, module.training, torch.backends.cuda.flash_sdp_enabled(), params, logits))
-        return logits
+    def spy(module, params, inputs, states=None):
+        outputs = forward(module, params, inputs, states)
+        record.append((inputs, module.training, torch.backends.cuda.flash_sdp_enabled(), params, outputs[0]))
+        return outputs
 
     monkeypatch.setattr(metadistil, "forward", spy)
 
