@@ -112,7 +112,8 @@ class MetaDistil(KD[Engine]):
             if second_order:
                 teacher_grads = torch.autograd.grad(quiz_loss, flat_phis, retain_graph=True)
             else:
-                v = torch.autograd.grad(quiz_loss, list(stepped.values()))
+                # zeros for what the quiz's logits do not read (a distill.hidden projection)
+                v = torch.autograd.grad(quiz_loss, list(stepped.values()), materialize_grads=True)
                 average(v)  # the whole quiz batch's gradient
                 del stepped
                 with self.timer("teacher_update/student_jvp"), compute:
