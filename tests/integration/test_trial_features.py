@@ -108,6 +108,32 @@ def test_metadistil_with_two_teachers_and_a_third_tokenizer(tmp_path, model_dirs
         result.metrics["teacher_params_mean"] / result.metrics["student_params"])
 
 
+@pytest.mark.parametrize("algorithm", ["kd", "metadistil"])
+def test_a_trial_with_hidden_distillation_logs_the_term_and_saves_a_plain_student(tmp_path, model_dirs, tokenizers,
+                                                                                  algorithm):
+    """distill.hidden through run_trial: KD with a wider teacher (the student learns a projection to its size), and
+    MetaDistil with two teachers of one size and different depths (auto maps student layer 1 to layer 1 of one, 2 of
+    the other)."""
+    from safetensors.torch import load_file
+
+    import tiny
+
+    wide = tiny.save(tiny.tiny_bert(tokenizers["wordpiece"], hidden=48, layers=4, seed=2), tokenizers["wordpiece"],
+                     tmp_path / "wide")
+    teachers = [wide] if algorithm == "kd" else [model_dirs["bert"], model_dirs["bert4"]]
+    cfg = trial(tmp_path, algorithm=algorithm, student={"name": model_dirs["distilbert"]},
+                teachers=[{"name": t} for t in teachers], distill={"hidden": {"beta": 10}},
+                metadistil={"quiz_batch_size": 8}, optim={"max_steps": 4}, eval={"every_steps": 4})
+    log = Recorder()
+    result = run_trial(cfg, [log], progress=False)
+    hidden = [m["train/hidden"] for _, m in log.metrics if "train/hidden" in m]
+    assert len(hidden) == 4 and all(0 < h < 1 for h in hidden)
+    saved = load_file(result.output_dir / "student" / "model.safetensors")
+    assert not [k for k in saved if "hidden_projection" in k]
+    assert not hasattr(AutoModelForSequenceClassification.from_pretrained(result.output_dir / "student"),
+                       "hidden_projection")
+
+
 def test_non_finite_loss_stops_the_trial_naming_step_and_loss(tmp_path, model_dirs):
     broken = AutoModelForSequenceClassification.from_pretrained(model_dirs["bert"])
     broken.classifier.weight.data.fill_(float("nan"))
