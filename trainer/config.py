@@ -380,8 +380,11 @@ def digest(payload: Any, length: int = 12) -> str:
 def flatten(config: TrialConfig) -> dict[str, Any]:
     """Flat ``section.key`` params for trackers, the same keys for every trial: the teachers, however many, are
     ``teachers.count`` and one list per teacher field (``teachers.name: [a, b]``, ``teachers.label``, ...), so that
-    trials of 0, 1 or 2 teachers line up in a comparison, and a changed teacher still changes a param."""
+    trials of 0, 1 or 2 teachers line up in a comparison, and a changed teacher still changes a param; likewise
+    ``distill.hidden`` off is its keys, each null."""
     dumped = config.model_dump(mode="json")
+    if dumped["distill"]["hidden"] is None:
+        dumped["distill"]["hidden"] = dict.fromkeys(HiddenConfig.model_fields)
     teachers = dumped.pop("teachers")
     flat: dict[str, Any] = {"teachers.count": len(teachers)}
     flat.update({f"teachers.{key}": [t[key] for t in teachers] for key in ModelConfig.model_fields})

@@ -15,11 +15,20 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 import tiny
 from test_metadistil_step import DISTILL, Recording, hidden_setup, pilot_loss_of
 from trainer.algorithms import KD
-from trainer.config import HiddenConfig
+from trainer.config import HiddenConfig, apply_overrides, parse_config
 from trainer.errors import ConfigError
 from trainer.hidden import PROJECTION, layer_pairs, prepare, without_projection
 from trainer.losses import average_outputs, hidden_loss
 from trainer.models import Loaded
+
+
+def test_the_config_is_off_by_default_and_on_with_an_empty_section():
+    base = {"algorithm": "kd", "teachers": [{"name": "t"}]}
+    assert parse_config(base).distill.hidden is None
+    on = parse_config({**base, "distill": {"hidden": {}}}).distill.hidden
+    assert on == HiddenConfig(beta=100.0, layers="auto")
+    overridden = parse_config(apply_overrides(base, ["distill.hidden.layers=[[1, 2], [2, 4]]"])).distill.hidden
+    assert overridden is not None and overridden.layers == [(1, 2), (2, 4)]
 
 
 def test_hidden_loss_matches_a_hand_computed_example():
