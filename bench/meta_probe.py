@@ -71,12 +71,12 @@ def pilot_quiz_loss(algo: MetaDistil, theta: dict[str, torch.Tensor], batch, qui
     try:
         student.eval()  # pilot steps without dropout, so that the columns of a step differ only in the teachers
         if lr:
-            loss = algo.loss(forward(student, params, batch.student), algo.teacher_logits(batch), batch.labels)
+            loss = algo.loss(algo.student_forward(params, batch.student), algo.teacher_outputs(batch), batch.labels)
             grads = torch.autograd.grad(loss, list(params.values()))
             params = {n: p - lr * g for (n, p), g in zip(params.items(), grads)}
         student.train(quiz_rng is not None)
         with torch.no_grad(), replay_rng(quiz_rng) if quiz_rng else nullcontext():
-            return cross_entropy(forward(student, params, quiz.student), quiz.labels).item()
+            return cross_entropy(forward(student, params, quiz.student)[0], quiz.labels).item()
     finally:
         student.train(was_training)
 

@@ -20,6 +20,7 @@ from trainer.config import TrialConfig
 from trainer.data import Batch, Collator, Splits, TextSet, load_splits
 from trainer.distributed import check_workers, shard, world
 from trainer.engine import Engine, Schedule, wrap
+from trainer.hidden import HiddenMap, prepare
 from trainer.metrics import PhaseTimer
 from trainer.models import Loaded, count_parameters, load_model, pick_device, student_from_teacher, times_smaller
 
@@ -39,6 +40,7 @@ class Trial:
     sizes: dict[str, float]  # parameter counts, taken before wrapping (ZeRO-3 empties the wrapped parameters)
     warmup_steps: int  # student fine-tuning steps before distillation
     train_steps: int
+    hidden: HiddenMap | None = None  # distill.hidden resolved for these models (trainer.hidden)
 
     def algorithm(self, start: int = 0, quiz_batches: Iterator[Batch] | None = None) -> registry.Algorithm:
         """The trial's algorithm, continuing after ``start`` training steps: a resumed trial's quiz draws go on where
@@ -65,7 +67,9 @@ def build_trial(cfg: TrialConfig, device: torch.device | None = None) -> Trial:
     student = _load_student(cfg, splits.num_labels, attn)
     collate = Collator.for_training(student.tokenizer, [t.tokenizer for t in teachers], cfg.data.max_length,
                                     cfg.noise, cfg.seed, splits.train, cfg.data.token_cache)
-    sizes = _model_sizes(student, teachers)
+    sizes = _model_sizes(student, teachers)  # a hidden_projection is a training aid, not part of the student's size
+    # before wrapping: the student's engine must hold the projection that prepare() may add
+    hidden = prepare(cfg.distill.hidden, student, teachers) if algorithm.teachers != "none" else None
     opt, meta = cfg.optim, cfg.metadistil
     warmup_steps, train_steps = step_counts(cfg, len(splits.train))
     engines = {"student": wrap(student.model.to(device).train(), opt.lr, opt.weight_decay, cfg.deepspeed,
@@ -79,7 +83,7 @@ def build_trial(cfg: TrialConfig, device: torch.device | None = None) -> Trial:
                                              Schedule(meta.teacher_schedule, meta_steps, meta.teacher_warmup_ratio))
                         for i, t in enumerate(teachers)})
     return Trial(cfg, device, splits, collate, student, teachers, engines, PhaseTimer(device), sizes, warmup_steps,
-                 train_steps)
+                 train_steps, hidden)
 
 
 def step_counts(cfg: TrialConfig, train_examples: int) -> tuple[int, int]:

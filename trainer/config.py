@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from trainer import registry
 from trainer.errors import ConfigError, ConfigKeyError
@@ -85,10 +85,37 @@ class StudentConfig(ModelConfig):
         return self
 
 
+class HiddenConfig(_Section):
+    beta: float = Field(100.0, ge=0, description="Weight of the hidden-state term: beta * MSE between the "
+                        "L2-normalised [CLS] states of the mapped layers (mean over layers, examples and hidden "
+                        "units, as in the official MetaDistil/PKD code, whose value 100 this is).")
+    layers: Literal["auto"] | list[tuple[int, int]] = Field(
+        "auto", description="Which layers are compared: [student_layer, teacher_layer] pairs, numbered 1.. over the "
+        "encoder layers (0 would be the embeddings), the same for every teacher; 'auto' maps student layer i of S "
+        "(i = 1..S-1: the last is distilled through the logits) to teacher layer i*(T//S) of T, as PKD's skip "
+        "strategy and the official MetaDistil do.")
+
+    @field_validator("layers", mode="before")
+    @classmethod
+    def _pairs(cls, value: Any) -> Any:
+        pairs = value if isinstance(value, list) else []
+        if value != "auto" and (not pairs or not all(
+                isinstance(p, (list, tuple)) and len(p) == 2 and all(type(i) is int and i >= 1 for i in p)
+                for p in pairs)):
+            # one message, not pydantic's one per union member
+            raise ValueError("must be 'auto' or a non-empty list of [student_layer, teacher_layer] pairs of layer "
+                             "numbers >= 1")
+        return value
+
+
 class DistillConfig(_Section):
     temperature: float = Field(2.0, gt=0, description="Softmax temperature T of the KL distillation term.")
     alpha: float = Field(0.5, ge=0, le=1, description="Weight of the distillation term; 1-alpha weighs cross-entropy "
                          "on the labels. Loss = alpha*T^2*KL(teacher||student) + (1-alpha)*CE.")
+    hidden: HiddenConfig | None = Field(None, description="Intermediate-layer distillation (PKD) added to the loss, "
+                                        "inside MetaDistil's meta-gradient too; the teachers' [CLS] states are "
+                                        "averaged (they must share a hidden size), and a linear projection trained "
+                                        "with the student maps a student of another size to theirs. null = off.")
 
 
 class MetaDistilConfig(_Section):
@@ -353,8 +380,11 @@ def digest(payload: Any, length: int = 12) -> str:
 def flatten(config: TrialConfig) -> dict[str, Any]:
     """Flat ``section.key`` params for trackers, the same keys for every trial: the teachers, however many, are
     ``teachers.count`` and one list per teacher field (``teachers.name: [a, b]``, ``teachers.label``, ...), so that
-    trials of 0, 1 or 2 teachers line up in a comparison, and a changed teacher still changes a param."""
+    trials of 0, 1 or 2 teachers line up in a comparison, and a changed teacher still changes a param; likewise
+    ``distill.hidden`` off is its keys, each null."""
     dumped = config.model_dump(mode="json")
+    if dumped["distill"]["hidden"] is None:
+        dumped["distill"]["hidden"] = dict.fromkeys(HiddenConfig.model_fields)
     teachers = dumped.pop("teachers")
     flat: dict[str, Any] = {"teachers.count": len(teachers)}
     flat.update({f"teachers.{key}": [t[key] for t in teachers] for key in ModelConfig.model_fields})

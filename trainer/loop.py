@@ -27,6 +27,7 @@ from trainer.config import DataConfig, TrialConfig, digest, flatten
 from trainer.data import Splits, index_batches
 from trainer.distributed import is_main, shard
 from trainer.evaluation import accuracy
+from trainer.hidden import without_projection
 from trainer.logging import DataSplit, Logger, Loggers, StdoutLogger
 from trainer.preflight import check_trial
 
@@ -160,8 +161,10 @@ def batch_stream(n: int, batch_size: int, seed: int, steps: int) -> Iterator[tup
 def _save(trial: Trial, metrics: dict, log: Loggers) -> None:
     out = Path(trial.cfg.output.dir)
     out.mkdir(parents=True, exist_ok=True)
-    # engines wrap the Hugging Face models that build_trial loaded
-    cast("PreTrainedModel", trial.engines["student"].module).save_pretrained(out / "student")
+    # engines wrap the Hugging Face models that build_trial loaded; saved without a distill.hidden projection, the
+    # student loads as the plain classifier it is
+    student = cast("PreTrainedModel", trial.engines["student"].module)
+    student.save_pretrained(out / "student", state_dict=without_projection(student.state_dict()))
     trial.student.tokenizer.save_pretrained(out / "student")
     if trial.cfg.output.save_teachers and registry.get(trial.cfg.algorithm).teachers == "trainable":
         for i, loaded in enumerate(trial.teachers):

@@ -1,4 +1,4 @@
-"""Loss functions and teacher aggregation: pure functions of logits."""
+"""Loss functions and teacher aggregation: pure functions of model outputs."""
 
 from __future__ import annotations
 
@@ -7,12 +7,21 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+# What a model's forward gives the loss: its logits, then (with distill.hidden) its [CLS] states at the mapped layers,
+# stacked [layers, batch, hidden].
+Outputs = tuple[torch.Tensor, ...]
+
 
 def average_logits(logits: Sequence[torch.Tensor]) -> torch.Tensor:
     """Several teachers speak with one voice: their logits are averaged before any softmax."""
     if not logits:
         raise ValueError("average_logits needs at least one teacher's logits")
     return torch.stack(list(logits)).mean(dim=0)
+
+
+def average_outputs(outputs: Sequence[Outputs]) -> Outputs:
+    """The teachers' outputs averaged part by part: logits before any softmax, [CLS] states before normalisation."""
+    return tuple(average_logits(parts) for parts in zip(*outputs, strict=True))
 
 
 def _upcast(x: torch.Tensor) -> torch.Tensor:
@@ -39,3 +48,11 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     if alpha < 1:
         loss = loss + (1 - alpha) * cross_entropy(student_logits, labels)
     return loss
+
+
+def hidden_loss(student_cls: torch.Tensor, teacher_cls: torch.Tensor) -> torch.Tensor:
+    """PKD's term: MSE between the L2-normalised [CLS] states [layers, batch, hidden], mean over layers, examples and
+    hidden units (the official MetaDistil's ``F.mse_loss``, the scale its beta = 100 was tuned at)."""
+    student = F.normalize(_upcast(student_cls), dim=-1)
+    teacher = F.normalize(_upcast(teacher_cls), dim=-1)
+    return F.mse_loss(student, teacher)

@@ -36,11 +36,12 @@ FORMAT = "v1"  # part of every key: a change of what is stored, or how, must not
 
 def shared_logits(trial: Trial, frozen: list[torch.nn.Module]) -> SharedLogits | None:
     """The frozen teachers' logits on the trial's train split from ``data.logit_cache``, computed there by the first
-    trial that needs them; None without a cache folder or with teacher-side noise (the teachers' inputs then change
-    every epoch). Only algorithms with frozen teachers ask: MetaDistil's teachers learn."""
+    trial that needs them; None without a cache folder, with teacher-side noise (the teachers' inputs then change
+    every epoch) or with distill.hidden (the loss reads the teachers' hidden states too, so they run anyway). Only
+    algorithms with frozen teachers ask: MetaDistil's teachers learn."""
     cfg = trial.cfg
     folder = cfg.data.logit_cache
-    if not folder or cfg.noise.teacher.p > 0:
+    if not folder or cfg.noise.teacher.p > 0 or cfg.distill.hidden is not None:
         return None
     per_teacher = []
     with trial.timer("teacher_logits"):

@@ -22,10 +22,20 @@ from safetensors.torch import load_file
 
 import tiny
 from trainer.algorithms import KD, FineTune, MetaDistil
-from trainer.config import ConfigError, DeepSpeedConfig, DistillConfig, MetaDistilConfig, NoiseConfig, parse_config
+from trainer.config import (
+    ConfigError,
+    DeepSpeedConfig,
+    DistillConfig,
+    HiddenConfig,
+    MetaDistilConfig,
+    NoiseConfig,
+    parse_config,
+)
 from trainer.data import Collator, synthetic_sentiment
 from trainer.engine import Schedule, TorchEngine, deepspeed_config, wrap
+from trainer.hidden import PROJECTION, prepare
 from trainer.loop import run_trial
+from trainer.models import Loaded
 
 deepspeed = pytest.importorskip("deepspeed")
 from deepspeed.utils import safe_get_full_grad  # noqa: E402
@@ -46,11 +56,9 @@ STEPS = 2
 PARAM_TOL, GRAD_RTOL, LOSS_RTOL = 1e-5, 1e-4, 1e-5
 
 
-@pytest.fixture(scope="module")
-def setup(tokenizers):
-    """fp32 tiny models (two teachers with different tokenizers, a student with a third) and fixed batches."""
-    teachers = [tiny.tiny_bert(tokenizers["wordpiece"], seed=10).eval(),
-                tiny.tiny_roberta(tokenizers["bpe"], seed=11).eval()]
+def make_setup(tokenizers, teacher_hidden: int = 32):
+    teachers = [tiny.tiny_bert(tokenizers["wordpiece"], hidden=teacher_hidden, seed=10).eval(),
+                tiny.tiny_roberta(tokenizers["bpe"], hidden=teacher_hidden, seed=11).eval()]
     student = tiny.tiny_distilbert(tokenizers["wordpiece_cased"], seed=3).train()
     data = synthetic_sentiment(32, 4)["train"]
     collate = Collator(tokenizers["wordpiece_cased"], [tokenizers["wordpiece"], tokenizers["bpe"]], max_length=32,
@@ -59,6 +67,23 @@ def setup(tokenizers):
     quizzes = [collate(data, range(2 * BATCH + 4 * i, 2 * BATCH + 4 * (i + 1)), with_teachers=False)
                for i in range(STEPS)]
     return student, teachers, batches, quizzes
+
+
+@pytest.fixture(scope="module")
+def setup(tokenizers):
+    """fp32 tiny models (two teachers with different tokenizers, a student with a third) and fixed batches."""
+    return make_setup(tokenizers)
+
+
+@pytest.fixture(scope="module")
+def wide_setup(tokenizers):
+    """The same with wider teachers, distill.hidden on, the student given its projection; and the layer map."""
+    student, teachers, batches, quizzes = make_setup(tokenizers, teacher_hidden=48)
+    hidden = prepare(HiddenConfig(beta=30.0, layers=[(1, 1), (2, 2)]),
+                     Loaded(student, tokenizers["wordpiece_cased"], "s"),
+                     [Loaded(t, tokenizers[tok], "t") for t, tok in zip(teachers, ["wordpiece", "bpe"])])
+    assert hasattr(student, PROJECTION)
+    return (student, teachers, batches, quizzes), hidden
 
 
 def _full_grads(engine) -> list[torch.Tensor]:
@@ -80,7 +105,7 @@ def _record_steps(engine, record: list) -> None:
     engine.step = step
 
 
-def run_steps(setup, algorithm: str, ds: DeepSpeedConfig) -> dict:
+def run_steps(setup, algorithm: str, ds: DeepSpeedConfig, hidden=None) -> dict:
     base_student, base_teachers, batches, quizzes = setup
     student = copy.deepcopy(base_student)
     teachers = [copy.deepcopy(t) for t in base_teachers]
@@ -92,9 +117,9 @@ def run_steps(setup, algorithm: str, ds: DeepSpeedConfig) -> dict:
     if algorithm == "metadistil":
         teacher_engines = [wrap(t, META.teacher_lr, WEIGHT_DECAY, ds, BATCH, GRAD_CLIP, schedule) for t in teachers]
         engines += teacher_engines
-        algo = MetaDistil(student_engine, teacher_engines, DISTILL, META, quiz_batches=iter(quizzes))
+        algo = MetaDistil(student_engine, teacher_engines, DISTILL, META, quiz_batches=iter(quizzes), hidden=hidden)
     elif algorithm == "kd":
-        algo = KD(student_engine, [t.requires_grad_(False) for t in teachers], DISTILL)
+        algo = KD(student_engine, [t.requires_grad_(False) for t in teachers], DISTILL, hidden=hidden)
     else:
         algo = FineTune(student_engine)
     expected_type = type(student_engine).__name__
@@ -116,8 +141,20 @@ def _max_abs(a: dict | list, b: dict | list) -> float:
 @pytest.mark.parametrize("algorithm", ["metadistil", "kd", "finetune"])
 @pytest.mark.parametrize("stage", [0, 1, 2])
 def test_deepspeed_step_equals_torch_step(setup, stage, algorithm):
-    torch_run = run_steps(setup, algorithm, DeepSpeedConfig(enabled=False))
-    ds_run = run_steps(setup, algorithm, DeepSpeedConfig(enabled=True, zero_stage=stage, precision="fp32"))
+    compare_steps(setup, stage, algorithm)
+
+
+@pytest.mark.parametrize("algorithm", ["metadistil", "kd"])
+@pytest.mark.parametrize("stage", [0, 2])
+def test_deepspeed_step_with_hidden_distillation_equals_torch_step(wide_setup, stage, algorithm):
+    """distill.hidden with a projection: the projection is one more student parameter to every engine."""
+    setup, hidden = wide_setup
+    compare_steps(setup, stage, algorithm, hidden)
+
+
+def compare_steps(setup, stage: int, algorithm: str, hidden=None) -> None:
+    torch_run = run_steps(setup, algorithm, DeepSpeedConfig(enabled=False), hidden)
+    ds_run = run_steps(setup, algorithm, DeepSpeedConfig(enabled=True, zero_stage=stage, precision="fp32"), hidden)
     names = ["student", "teacher0 (bert)", "teacher1 (roberta)"]
     report = []
 

@@ -85,7 +85,7 @@ def test_two_teachers_with_different_tokenizers_are_averaged(model_dirs):
     batch = Collator(student_tok, toks, 32, NoiseConfig(), seed=0)(data, range(6))
     assert batch.teachers[0]["input_ids"].shape != batch.teachers[1]["input_ids"].shape or \
         not torch.equal(batch.teachers[0]["input_ids"], batch.teachers[1]["input_ids"])
-    seen = KD(student=None, teachers=teachers, distill=None).teacher_logits(batch)
+    (seen,) = KD(student=None, teachers=teachers, distill=None).teacher_outputs(batch)
     with torch.no_grad():
         for i, text in enumerate(data.texts):  # one example at a time, no padding: the reference
             each = [t(**tok(text, return_tensors="pt")).logits[0] for t, tok in zip(teachers, toks)]
@@ -106,6 +106,32 @@ def test_metadistil_with_two_teachers_and_a_third_tokenizer(tmp_path, model_dirs
         assert any(not torch.equal(before[k], after[k]) for k in before), f"teacher {i} was never meta-updated"
     assert result.metrics["times_smaller"] == pytest.approx(
         result.metrics["teacher_params_mean"] / result.metrics["student_params"])
+
+
+@pytest.mark.parametrize("algorithm", ["kd", "metadistil"])
+def test_a_trial_with_hidden_distillation_logs_the_term_and_saves_a_plain_student(tmp_path, model_dirs, tokenizers,
+                                                                                  algorithm):
+    """distill.hidden through run_trial: KD with a wider teacher (the student learns a projection to its size), and
+    MetaDistil with two teachers of one size and different depths (auto maps student layer 1 to layer 1 of one, 2 of
+    the other)."""
+    from safetensors.torch import load_file
+
+    import tiny
+
+    wide = tiny.save(tiny.tiny_bert(tokenizers["wordpiece"], hidden=48, layers=4, seed=2), tokenizers["wordpiece"],
+                     tmp_path / "wide")
+    teachers = [wide] if algorithm == "kd" else [model_dirs["bert"], model_dirs["bert4"]]
+    cfg = trial(tmp_path, algorithm=algorithm, student={"name": model_dirs["distilbert"]},
+                teachers=[{"name": t} for t in teachers], distill={"hidden": {"beta": 10}},
+                metadistil={"quiz_batch_size": 8}, optim={"max_steps": 4}, eval={"every_steps": 4})
+    log = Recorder()
+    result = run_trial(cfg, [log], progress=False)
+    hidden = [m["train/hidden"] for _, m in log.metrics if "train/hidden" in m]
+    assert len(hidden) == 4 and all(0 < h < 1 for h in hidden)
+    saved = load_file(result.output_dir / "student" / "model.safetensors")
+    assert not [k for k in saved if "hidden_projection" in k]
+    assert not hasattr(AutoModelForSequenceClassification.from_pretrained(result.output_dir / "student"),
+                       "hidden_projection")
 
 
 def test_non_finite_loss_stops_the_trial_naming_step_and_loss(tmp_path, model_dirs):

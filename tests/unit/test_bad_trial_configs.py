@@ -137,6 +137,12 @@ CASES: list[tuple[str, Callable[[Work], list[str]], str]] = [
     ("zero-temperature", lambda w: [w.config(), "distill.temperature=0"],
      "distill.temperature: Input should be greater"),
     ("alpha-above-1", lambda w: [w.config(), "distill.alpha=2"], "distill.alpha: Input should be less than or equal"),
+    ("hidden-layers-not-pairs", lambda w: [w.config(), "distill.hidden.layers=[[1]]"],
+     "distill.hidden.layers: must be 'auto' or a non-empty list of [student_layer, teacher_layer] pairs"),
+    ("hidden-layer-zero", lambda w: [w.config(), "distill.hidden.layers=[[0, 1]]"],
+     "distill.hidden.layers: must be 'auto' or a non-empty list"),
+    ("hidden-negative-beta", lambda w: [w.config(), "distill.hidden.beta=-1"],
+     "distill.hidden.beta: Input should be greater than or equal to 0"),
     ("zero-stage-5", lambda w: [w.config(), "deepspeed.zero_stage=5"], "deepspeed.zero_stage: Input should be less"),
     ("unknown-precision", lambda w: [w.config(), "deepspeed.precision=fp8"], "deepspeed.precision: Input should be"),
     ("zero-eval-interval", lambda w: [w.config(), "eval.every_steps=0"], "eval.every_steps: Input should be greater"),
@@ -308,4 +314,19 @@ def test_train_refuses_them_before_loading_a_model(work, capsys, monkeypatch, ca
     build, expected = next((b, e) for i, b, e in CASES if i == case_id)
     err = refused(capsys, ["train", "--no-progress", *build(work)])
     assert expected.format(root=work.root) in err
+    assert not (work.root / "out").exists()
+
+
+@pytest.mark.parametrize(("layers", "expected"), [
+    ("[[1, 3]]", "distill.hidden.layers: teacher layer 3 does not exist; teachers.0 has 2 layers (1..2)"),
+    ("[[1, 1], [5, 2]]", "distill.hidden.layers: student layer 5 does not exist; the student has 2 layers (1..2)"),
+])
+def test_train_refuses_a_hidden_layer_map_outside_a_model_before_training(work, capsys, layers, expected):
+    """The models' depths are known once they load (a hub model, a student cut by init_layers): the trial checks the
+    map right after loading, before any step."""
+    code = main(["train", "--no-progress", work.config(), f"distill.hidden.layers={layers}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    # (the models' loading progress comes first on stderr)
+    assert err.splitlines()[-1] == f"error: {expected}"
     assert not (work.root / "out").exists()

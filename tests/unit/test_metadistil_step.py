@@ -1,5 +1,6 @@
-"""The MetaDistil step: its teacher meta-gradient against finite differences and the double-backward reference,
-the pilot's isolation from the real student, and the real step's use of the updated teacher."""
+"""The MetaDistil step: its teacher meta-gradient against finite differences and the double-backward reference (with
+and without distill.hidden's intermediate-layer term), the pilot's isolation from the real student, and the real
+step's use of the updated teacher."""
 
 from __future__ import annotations
 
@@ -8,17 +9,29 @@ import itertools
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.func import functional_call
 
 import tiny
 from trainer.algorithms import MetaDistil
-from trainer.config import DistillConfig, MetaDistilConfig, NoiseConfig
+from trainer.config import DistillConfig, HiddenConfig, MetaDistilConfig, NoiseConfig
 from trainer.data import Collator, synthetic_sentiment
 from trainer.engine import TorchEngine
+from trainer.hidden import HiddenMap, prepare
 from trainer.losses import average_logits, cross_entropy, distillation_loss
+from trainer.models import Loaded
 
 DISTILL = DistillConfig(temperature=2.0, alpha=0.7)
 PILOT_LR = 0.5  # large, so that the meta-gradient is far from zero and finite differences see it
+TEACHER_TOKENIZERS = ["wordpiece", "bpe"]
+# distill.hidden cases (the student has 2 layers of size 32): the teachers' models, and the hidden config
+HIDDEN = {
+    None: ({}, None),
+    # auto: student layer 1 <-> teacher layer 2 of 4, one hidden size
+    "auto": ({"teacher_layers": 4}, HiddenConfig()),
+    # both student layers, the last one too, through a trained 32 -> 48 projection
+    "projected": ({"teacher_hidden": 48}, HiddenConfig(beta=30.0, layers=[(1, 1), (2, 2)])),
+}
 
 
 class Recording(TorchEngine):
@@ -34,9 +47,10 @@ class Recording(TorchEngine):
 
 
 def make_setup(tokenizers, n_teachers: int, dtype=torch.float64, dropout: float = 0.0,
-               student_builder=tiny.tiny_distilbert):
-    builders = [(tiny.tiny_bert, "wordpiece"), (tiny.tiny_roberta, "bpe")]
-    teachers = [builder(tokenizers[tok], dropout=dropout, seed=10 + i).to(dtype).eval()
+               student_builder=tiny.tiny_distilbert, teacher_hidden: int = 32, teacher_layers: int = 2):
+    builders = list(zip([tiny.tiny_bert, tiny.tiny_roberta], TEACHER_TOKENIZERS))
+    teachers = [builder(tokenizers[tok], hidden=teacher_hidden, layers=teacher_layers, dropout=dropout,
+                        seed=10 + i).to(dtype).eval()
                 for i, (builder, tok) in enumerate(builders[:n_teachers])]
     student = student_builder(tokenizers["wordpiece_cased"], dropout=dropout, seed=3).to(dtype).train()
     data = synthetic_sentiment(12, 4)["train"]
@@ -45,34 +59,62 @@ def make_setup(tokenizers, n_teachers: int, dtype=torch.float64, dropout: float 
     return student, teachers, collate(data, range(8)), collate(data, range(8, 12))
 
 
-def quiz_loss_of_teachers(student, teachers, batch, quiz, teacher_params):
+def hidden_setup(tokenizers, n_teachers: int, case: str | None, **kwargs):
+    """make_setup's models for a distill.hidden case, and the case's resolved layer map (None: off); the student gets
+    its projection where the case needs one."""
+    models, cfg = HIDDEN[case]
+    student, teachers, batch, quiz = make_setup(tokenizers, n_teachers, **models, **kwargs)
+    hidden = prepare(cfg, Loaded(student, tokenizers["wordpiece_cased"], "student"),
+                     [Loaded(t, tokenizers[tok], f"t{i}") for i, (t, tok) in enumerate(zip(teachers,
+                                                                                          TEACHER_TOKENIZERS))])
+    return student, teachers, batch, quiz, hidden
+
+
+def pilot_loss_of(student, theta, teachers, teacher_params, batch, hidden: HiddenMap | None):
+    """ℓ(θ, φ) written out from its definition: KD on the logits, plus β × MSE of the L2-normalised [CLS] states of
+    the mapped layers, the student's projected where it has a projection, the teachers' averaged."""
+    with_states = {"output_hidden_states": hidden is not None}
+    out_s = functional_call(student, theta, kwargs={**batch.student, **with_states})
+    out_t = [functional_call(t, phi, kwargs={**x, **with_states}) for t, phi, x in zip(teachers, teacher_params,
+                                                                                      batch.teachers)]
+    loss = distillation_loss(out_s.logits, average_logits([o.logits for o in out_t]), batch.labels,
+                             DISTILL.temperature, DISTILL.alpha)
+    if hidden is None:
+        return loss
+    h_s = torch.stack([out_s.hidden_states[i][:, 0] for i in hidden.student_layers])
+    if "hidden_projection.weight" in theta:
+        h_s = h_s @ theta["hidden_projection.weight"].T + theta["hidden_projection.bias"]
+    h_t = sum(torch.stack([o.hidden_states[i][:, 0] for i in layers])
+              for o, layers in zip(out_t, hidden.teacher_layers)) / len(out_t)
+    return loss + hidden.beta * ((F.normalize(h_s, dim=-1) - F.normalize(h_t, dim=-1)) ** 2).mean()
+
+
+def quiz_loss_of_teachers(student, teachers, batch, quiz, teacher_params, hidden: HiddenMap | None = None):
     """L_quiz(θ − λ ∇θ ℓ(θ, φ)) as a plain function of the teachers' parameters φ (the definition)."""
     theta = {n: p.detach().requires_grad_() for n, p in student.named_parameters()}
-    z_s = functional_call(student, theta, kwargs=batch.student).logits
-    z_t = average_logits([functional_call(t, phi, kwargs=x).logits
-                          for t, phi, x in zip(teachers, teacher_params, batch.teachers)])
-    loss = distillation_loss(z_s, z_t, batch.labels, DISTILL.temperature, DISTILL.alpha)
+    loss = pilot_loss_of(student, theta, teachers, teacher_params, batch, hidden)
     grads = torch.autograd.grad(loss, list(theta.values()), create_graph=True)
     stepped = {n: p - PILOT_LR * g for (n, p), g in zip(theta.items(), grads)}
     return cross_entropy(functional_call(student, stepped, kwargs=quiz.student).logits, quiz.labels)
 
 
-def meta_gradients(student, teachers, batch, quiz, method: str):
+def meta_gradients(student, teachers, batch, quiz, method: str, hidden: HiddenMap | None = None):
     engines = [Recording(t) for t in teachers]
     algo = MetaDistil(Recording(student), engines, DISTILL,
                       MetaDistilConfig(pilot_lr=PILOT_LR, meta_gradient=method, quiz_batch_size=4),
-                      quiz_batches=itertools.repeat(quiz))
+                      quiz_batches=itertools.repeat(quiz), hidden=hidden)
     algo.train_step(batch, step=0)
     return [e.seen[0] for e in engines], algo
 
 
+@pytest.mark.parametrize("hidden_case", list(HIDDEN))
 @pytest.mark.parametrize("n_teachers", [1, 2])
 @pytest.mark.parametrize("method", ["forward_ad", "double_backward"])
-def test_meta_gradient_matches_finite_differences(tokenizers, n_teachers, method):
-    student, teachers, batch, quiz = make_setup(tokenizers, n_teachers)
+def test_meta_gradient_matches_finite_differences(tokenizers, n_teachers, method, hidden_case):
+    student, teachers, batch, quiz, hidden = hidden_setup(tokenizers, n_teachers, hidden_case)
     base = [{n: p.detach().clone() for n, p in t.named_parameters()} for t in teachers]
     student_before = {n: p.detach().clone() for n, p in student.state_dict().items()}
-    grads, _ = meta_gradients(student, teachers, batch, quiz, method)
+    grads, _ = meta_gradients(student, teachers, batch, quiz, method, hidden)
     student.load_state_dict(student_before)  # the step's real update moved it; the definition is at the old θ
     torch.manual_seed(0)
     direction = [{n: torch.randn_like(p) for n, p in phi.items()} for phi in base]
@@ -80,8 +122,8 @@ def test_meta_gradient_matches_finite_differences(tokenizers, n_teachers, method
     with torch.no_grad():
         plus = [{n: p + eps * d[n] for n, p in phi.items()} for phi, d in zip(base, direction)]
         minus = [{n: p - eps * d[n] for n, p in phi.items()} for phi, d in zip(base, direction)]
-    finite = (quiz_loss_of_teachers(student, teachers, batch, quiz, plus)
-              - quiz_loss_of_teachers(student, teachers, batch, quiz, minus)).item() / (2 * eps)
+    finite = (quiz_loss_of_teachers(student, teachers, batch, quiz, plus, hidden)
+              - quiz_loss_of_teachers(student, teachers, batch, quiz, minus, hidden)).item() / (2 * eps)
     analytic = sum((g[n] * d[n]).sum().item() for g, d in zip(grads, direction) for n in g)
     assert abs(finite) > 1e-6
     assert abs(analytic - finite) / abs(finite) < 1e-4
@@ -90,6 +132,7 @@ def test_meta_gradient_matches_finite_differences(tokenizers, n_teachers, method
         assert not zero, f"teacher {i}: no meta-gradient for {zero}"
 
 
+@pytest.mark.parametrize("hidden_case", list(HIDDEN))
 @pytest.mark.parametrize("n_teachers", [1, 2])
 @pytest.mark.parametrize(("method", "student_builder", "tolerance"), [
     ("forward_ad", tiny.tiny_distilbert, 1e-10),
@@ -97,27 +140,26 @@ def test_meta_gradient_matches_finite_differences(tokenizers, n_teachers, method
     # straddle (seen as ~7e-3 error for some tokenizer vocabularies); BERT's GELU/tanh path has none.
     ("finite_difference", tiny.tiny_bert, 1e-6),
 ])
-def test_first_order_route_equals_double_backward(tokenizers, n_teachers, method, student_builder, tolerance):
-    """With dropout on, both routes see the same masks: the first-order route replays the pilot's RNG."""
-    student, teachers, batch, quiz = make_setup(tokenizers, n_teachers, dropout=0.1, student_builder=student_builder)
+def test_first_order_route_equals_double_backward(tokenizers, n_teachers, method, student_builder, tolerance,
+                                                  hidden_case):
+    """With dropout on, both routes see the same masks: the first-order route replays the pilot's RNG. With
+    distill.hidden the JVP covers the student's [CLS] states (and projection) and the cross term the teachers'."""
+    student, teachers, batch, quiz, hidden = hidden_setup(tokenizers, n_teachers, hidden_case, dropout=0.1,
+                                                          student_builder=student_builder)
     results = {}
     for route in (method, "double_backward"):
         torch.manual_seed(123)
-        copies = [t.__class__(t.config).to(torch.float64) for t in teachers]
-        for c, t in zip(copies, teachers):
-            c.load_state_dict(t.state_dict())
-            c.eval()
-        s = student.__class__(student.config).to(torch.float64).train()
-        s.load_state_dict(student.state_dict())
-        results[route] = meta_gradients(s, copies, batch, quiz, route)[0]
+        copies = [copy.deepcopy(t) for t in teachers]
+        results[route] = meta_gradients(copy.deepcopy(student), copies, batch, quiz, route, hidden)[0]
     for got, ref in zip(results[method], results["double_backward"]):
         num = sum(((got[n] - ref[n]) ** 2).sum() for n in ref).sqrt()
         den = sum((ref[n] ** 2).sum() for n in ref).sqrt()
         assert num / den < tolerance, f"{method}: relative error {num / den:.2e}"
 
 
-def test_pilot_leaves_student_alone_and_real_step_uses_updated_teacher(tokenizers):
-    student, teachers, batch, quiz = make_setup(tokenizers, 2)
+@pytest.mark.parametrize("hidden_case", [None, "projected"])
+def test_pilot_leaves_student_alone_and_real_step_uses_updated_teacher(tokenizers, hidden_case):
+    student, teachers, batch, quiz, hidden = hidden_setup(tokenizers, 2, hidden_case)
     before = {n: p.detach().clone() for n, p in student.named_parameters()}
     seen_during_meta = {}
 
@@ -131,40 +173,44 @@ def test_pilot_leaves_student_alone_and_real_step_uses_updated_teacher(tokenizer
 
     engines[-1].step = spy_step
     algo = MetaDistil(student_engine, engines, DISTILL, MetaDistilConfig(pilot_lr=PILOT_LR, quiz_batch_size=4),
-                      quiz_batches=itertools.repeat(quiz))
+                      quiz_batches=itertools.repeat(quiz), hidden=hidden)
     losses = algo.train_step(batch, step=0)
     assert all(torch.equal(before[n], seen_during_meta[n]) for n in before), "the pilot changed the real student"
 
     # Reference real step: the plain KD gradient of the original student against the *updated* teachers.
-    fresh = student.__class__(student.config).to(torch.float64).train()
+    fresh = copy.deepcopy(student)
     fresh.load_state_dict(before)
-    with torch.no_grad():
-        updated = average_logits([t(**x).logits for t, x in zip(teachers, batch.teachers)])
-    loss = distillation_loss(fresh(**batch.student).logits, updated, batch.labels, DISTILL.temperature, DISTILL.alpha)
+    theta = dict(fresh.named_parameters())
+    updated = [{n: p.detach() for n, p in t.named_parameters()} for t in teachers]
+    loss = pilot_loss_of(fresh, theta, teachers, updated, batch, hidden)
     loss.backward()
     expected = {n: p.grad for n, p in fresh.named_parameters()}
     got = student_engine.seen[0]
     assert all(torch.allclose(got[n], expected[n], rtol=1e-9, atol=1e-12) for n in expected)
     assert losses["kd"] == pytest.approx(loss.item(), rel=1e-12)
+    assert ("hidden" in losses) is (hidden is not None)
     assert any(not torch.equal(before[n], p) for n, p in student.named_parameters()), "the real step did not update"
 
 
 
+@pytest.mark.parametrize("hidden_case", [None, "projected"])
 @pytest.mark.parametrize("method", ["forward_ad", "finite_difference"])
-def test_lagged_step_is_the_exact_step_on_the_teachers_before_their_update(tokenizers, monkeypatch, method):
+def test_lagged_step_is_the_exact_step_on_the_teachers_before_their_update(tokenizers, monkeypatch, method,
+                                                                           hidden_case):
     """update=lagged: the student steps on the pilot's gradient, i.e. an exact step whose teachers had not moved yet.
     Dropout is on, so the reference also checks that the lagged step reuses the pilot's masks."""
-    student, teachers, batch, quiz = make_setup(tokenizers, 2, dropout=0.1, student_builder=tiny.tiny_bert)
+    student, teachers, batch, quiz, hidden = hidden_setup(tokenizers, 2, hidden_case, dropout=0.1,
+                                                          student_builder=tiny.tiny_bert)
 
     def run(update: str, pre_update_teachers: bool):
         s, ts = copy.deepcopy(student), [copy.deepcopy(t) for t in teachers]
         engines, student_engine = [Recording(t, lr=0.5) for t in ts], Recording(s, lr=0.1)
         algo = MetaDistil(student_engine, engines, DISTILL,
                           MetaDistilConfig(pilot_lr=PILOT_LR, quiz_batch_size=4, meta_gradient=method, update=update),
-                          quiz_batches=itertools.repeat(quiz))
+                          quiz_batches=itertools.repeat(quiz), hidden=hidden)
         if pre_update_teachers:  # the teachers are in eval mode: their logits before the update are deterministic
-            frozen = algo.teacher_logits(batch)
-            monkeypatch.setattr(algo, "teacher_logits", lambda _batch: frozen)
+            frozen = algo.teacher_outputs(batch)
+            monkeypatch.setattr(algo, "teacher_outputs", lambda _batch: frozen)
         torch.manual_seed(5)
         losses = algo.train_step(batch, step=0)
         after = {n: p.detach() for n, p in s.named_parameters()}
@@ -202,12 +248,12 @@ def test_one_sided_difference_is_accurate_in_float32(tokenizers):
     theta = {n: p.detach().requires_grad_() for n, p in student.named_parameters()}
     state = rng_state(batch.labels.device)
     pilot_logits = forward(student, theta, batch.student)
-    v = torch.autograd.grad(cross_entropy(forward(student, theta, quiz.student), quiz.labels), list(theta.values()))
+    v = torch.autograd.grad(cross_entropy(forward(student, theta, quiz.student)[0], quiz.labels), list(theta.values()))
     primal, tangents = {n: p.detach() for n, p in theta.items()}, dict(zip(theta, v))
     logits_at = lambda params: forward(student, params, batch.student)  # noqa: E731
     with replay_rng(state), torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
-        exact = jvp(logits_at, (primal,), (tangents,))[1]
-    approx = finite_difference_jvp(logits_at, primal, tangents, pilot_logits.detach(), state)
+        (exact,) = jvp(logits_at, (primal,), (tangents,))[1]
+    (approx,) = finite_difference_jvp(logits_at, primal, tangents, tuple(o.detach() for o in pilot_logits), state)
     error = ((approx - exact).norm() / exact.norm()).item()
     assert exact.norm() > 0
     assert error < 2e-3, f"relative error {error:.2e}"
@@ -220,10 +266,10 @@ def _spy_forward(monkeypatch, record):
 
     forward = metadistil.forward
 
-    def spy(module, params, inputs):
-        logits = forward(module, params, inputs)
-        record.append((inputs, module.training, torch.backends.cuda.flash_sdp_enabled(), params, logits))
-        return logits
+    def spy(module, params, inputs, states=None):
+        outputs = forward(module, params, inputs, states)
+        record.append((inputs, module.training, torch.backends.cuda.flash_sdp_enabled(), params, outputs[0]))
+        return outputs
 
     monkeypatch.setattr(metadistil, "forward", spy)
 

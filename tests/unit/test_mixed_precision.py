@@ -69,10 +69,10 @@ def one_step(student, teacher, batch, quiz, pilot_lr: float, ds: DeepSpeedConfig
     teacher_engine.step = record_step
     forward = metadistil.forward
 
-    def spy(module, params, inputs):
+    def spy(module, params, inputs, states=None):
         if inputs is quiz.student:
             seen["stepped"] = {n: p.detach().clone() for n, p in params.items()}
-        return forward(module, params, inputs)
+        return forward(module, params, inputs, states)
 
     monkeypatch.setattr(metadistil, "forward", spy)
     meta = MetaDistilConfig(pilot_lr=pilot_lr, quiz_batch_size=QUIZ)

@@ -87,12 +87,15 @@ def test_the_key_follows_weights_tokenizer_texts_and_length(model_dirs):
 
 
 def test_only_frozen_teachers_on_clean_text_share(tmp_path, model_dirs):
-    """Teacher-side noise changes the teachers' inputs every epoch; MetaDistil's teachers learn."""
+    """Teacher-side noise changes the teachers' inputs every epoch; MetaDistil's teachers learn; with distill.hidden
+    the loss reads the teachers' hidden states too, so they run anyway."""
     cache = str(tmp_path / "logits")
     noisy = build_trial(config(tmp_path, model_dirs, cache, noise={"teacher": {"p": 0.2}})).algorithm()
     student_noise = build_trial(config(tmp_path, model_dirs, cache, noise={"student": {"p": 0.2}})).algorithm()
     meta = build_trial(config(tmp_path, model_dirs, cache, algorithm="metadistil")).algorithm()
+    hidden = build_trial(config(tmp_path, model_dirs, cache, distill={"hidden": {}})).algorithm()
     assert noisy.shared is None and meta.shared is None and student_noise.shared is not None
+    assert hidden.shared is None and hidden.hidden is not None
     assert len(list((tmp_path / "logits").glob("*.safetensors"))) == 2  # the student-noise trial's two teachers
 
 

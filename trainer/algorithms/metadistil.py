@@ -7,9 +7,10 @@ One meta step on a training batch x and a quiz batch q, with student θ, teacher
              pilot's own step, whose teachers are one meta-update behind (``update: lagged``: no second teacher
              forward, no second student backward).
 
-∇φ L_q needs no double backward through the student: φ enters the pilot loss only through z_T, so with
-v = ∇θ' L_q and w = J_θ(z_S)·v (one Jacobian-vector product),
-  ∇φ L_q = −λ J_φ(z_T)ᵀ u,   u = ∂/∂z_T ⟨∂ℓ/∂z_S, w⟩   (a C×C product per example, on logits only).
+∇φ L_q needs no double backward through the student: φ enters the pilot loss only through the teachers' outputs
+o_T = (z_T, and with ``distill.hidden`` the mapped [CLS] states h_T), so with v = ∇θ' L_q and w = J_θ(o_S)·v (one
+Jacobian-vector product over every student output the loss reads: z_S, and h_S, its projection's weights part of θ),
+  ∇φ L_q = −λ J_φ(o_T)ᵀ u,   u = ∂/∂o_T ⟨∂ℓ/∂o_S, w⟩   (small products on the outputs only, per example).
 Every backward is first order. ``meta_gradient: double_backward`` keeps the naive second-order route as the
 reference. Gradients are computed on detached parameter copies and handed to the (DeepSpeed) engines at the end.
 
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
@@ -38,7 +40,8 @@ from trainer.config import DistillConfig, MetaDistilConfig
 from trainer.data import Batch
 from trainer.distributed import average
 from trainer.engine import Engine, apply_gradients
-from trainer.losses import average_logits, cross_entropy
+from trainer.hidden import HiddenMap
+from trainer.losses import Outputs, average_outputs, cross_entropy
 from trainer.metrics import PhaseTimer
 
 if TYPE_CHECKING:
@@ -51,8 +54,8 @@ class MetaDistil(KD[Engine]):
     name = "metadistil"
 
     def __init__(self, student: Engine, teachers: Sequence[Engine], distill: DistillConfig, meta: MetaDistilConfig,
-                 quiz_batches: Iterator[Batch], timer: PhaseTimer | None = None):
-        super().__init__(student, teachers, distill)
+                 quiz_batches: Iterator[Batch], timer: PhaseTimer | None = None, hidden: HiddenMap | None = None):
+        super().__init__(student, teachers, distill, hidden=hidden)
         self.meta = meta
         self.quiz_batches = quiz_batches
         self.timer = timer or PhaseTimer()
@@ -81,11 +84,12 @@ class MetaDistil(KD[Engine]):
                 phis = [master_copy(t) for t in self.teachers]
             dropout_state = rng_state(batch.labels.device)
             with compute, self.student_kernel():
-                student_logits = forward(student, theta, batch.student)
+                student_outputs = self.student_forward(theta, batch.student)
             with compute:
-                teacher_logits = [forward(t.module, phi, x) for t, phi, x in zip(self.teachers, phis, batch.teachers)]
-            mean_teacher = average_logits(teacher_logits)
-            pilot_loss = self.loss(student_logits, mean_teacher if second_order else mean_teacher.detach(),
+                teacher_outputs = [self.teacher_forward(i, phi, x) for i, (phi, x) in enumerate(zip(phis,
+                                                                                                   batch.teachers))]
+            mean_teacher = average_outputs(teacher_outputs)
+            pilot_loss = self.loss(student_outputs, mean_teacher if second_order else detached(mean_teacher),
                                    batch.labels)
             # The exact update backpropagates through the pilot forward again (the lagged one needs no second pass).
             grads = torch.autograd.grad(pilot_loss, list(theta.values()), retain_graph=not lagged,
@@ -97,27 +101,31 @@ class MetaDistil(KD[Engine]):
                 stepped = {n: p.detach().requires_grad_() for n, p in stepped.items()}
             # Dead tensors are dropped as soon as possible: each is a full copy of the student.
             pilot_grads = grads if lagged else None
+            pilot_teacher = detached(mean_teacher) if lagged else None  # the lagged step's targets, to log its losses
             del grads
         # The quiz runs in fp32 even under bf16: autocast would round θ' back to θ in every matmul, and the small quiz
         # batch's gradient v is where the meta-gradient is most sensitive to rounding (bf16 here: several % off).
         with self.timer("quiz"), dropout(student, self.meta.quiz_dropout):
-            quiz_loss = cross_entropy(forward(student, stepped, quiz.student), quiz.labels)
+            quiz_loss = cross_entropy(forward(student, stepped, quiz.student)[0], quiz.labels)
         with self.timer("teacher_update"):
             flat_phis = [p for phi in phis for p in phi.values()]
             if second_order:
                 teacher_grads = torch.autograd.grad(quiz_loss, flat_phis, retain_graph=True)
             else:
-                v = torch.autograd.grad(quiz_loss, list(stepped.values()))
+                # zeros for what the quiz's logits do not read (a distill.hidden projection)
+                v = torch.autograd.grad(quiz_loss, list(stepped.values()), materialize_grads=True)
                 average(v)  # the whole quiz batch's gradient
                 del stepped
                 with self.timer("teacher_update/student_jvp"), compute:
-                    w = self.student_jvp(student, theta, v, batch.student, student_logits.detach(), dropout_state)
+                    w = self.student_jvp(theta, v, batch.student, detached(student_outputs), dropout_state)
                 del v
+                # (the phase keeps its name from when the loss read logits only: benchmark reports compare by it)
                 with self.timer("teacher_update/logit_cross_term"):
-                    u = logit_cross_term(self.loss, student_logits.detach(), mean_teacher.detach(), batch.labels, w)
-                share = -lr * u / len(teacher_logits)  # d(mean)/d(each teacher's logits) = 1/n
-                teacher_grads = torch.autograd.grad(teacher_logits, flat_phis, grad_outputs=[share] * len(phis))
-            del teacher_logits, mean_teacher, flat_phis
+                    u = cross_term(self.loss, detached(student_outputs), detached(mean_teacher), batch.labels, w)
+                share = [-lr * part / len(phis) for part in u]  # d(mean)/d(each teacher's output) = 1/n
+                teacher_grads = torch.autograd.grad([o for out in teacher_outputs for o in out], flat_phis,
+                                                    grad_outputs=share * len(phis))
+            del teacher_outputs, mean_teacher, flat_phis
             start = 0
             for engine, phi in zip(self.teachers, phis):
                 with self.timer("teacher_update/apply_gradients"):
@@ -127,76 +135,94 @@ class MetaDistil(KD[Engine]):
                 start += len(phi)
             del teacher_grads
         with self.timer("student_update"):
-            if pilot_grads is not None:  # lagged: the pilot's step on the pre-update teachers is the real one
-                return self._step_student(pilot_grads, pilot_loss, pilot_loss, quiz_loss)
+            if pilot_grads is not None and pilot_teacher is not None:
+                # lagged: the pilot's step on the pre-update teachers is the real one
+                named = self.named_losses(pilot_loss, student_outputs, pilot_teacher)
+                return self._step_student(pilot_grads, named, pilot_loss, quiz_loss)
             # The pilot forward is reused: same θ, same batch, same dropout mask; only the targets changed.
             with self.timer("student_update/teacher_logits"):
-                updated_teacher = self.teacher_logits(batch)
-            logits = student_logits.detach().requires_grad_()
-            real_loss = self.loss(logits, updated_teacher, batch.labels)
-            (upstream,) = torch.autograd.grad(real_loss, logits)
-            student_grads = torch.autograd.grad(student_logits, list(theta.values()), grad_outputs=upstream)
-            del student_logits
-            return self._step_student(student_grads, real_loss, pilot_loss, quiz_loss)
+                updated_teacher = self.teacher_outputs(batch)
+            outputs = tuple(o.detach().requires_grad_() for o in student_outputs)
+            real_loss = self.loss(outputs, updated_teacher, batch.labels)
+            upstream = torch.autograd.grad(real_loss, outputs)
+            student_grads = torch.autograd.grad(student_outputs, list(theta.values()), grad_outputs=upstream)
+            del student_outputs
+            return self._step_student(student_grads, self.named_losses(real_loss, outputs, updated_teacher),
+                                      pilot_loss, quiz_loss)
 
-    def _step_student(self, grads: Sequence[torch.Tensor], real_loss: torch.Tensor, pilot_loss: torch.Tensor,
+    def _step_student(self, grads: Sequence[torch.Tensor], named: dict[str, float], pilot_loss: torch.Tensor,
                       quiz_loss: torch.Tensor) -> dict[str, float]:
         with self.timer("student_update/apply_gradients"):
             apply_gradients(self.student, grads)
         with self.timer("student_update/student_step"):
             self.student.step()
-        return {"kd": real_loss.item(), "pilot_kd": pilot_loss.item(), "quiz_ce": quiz_loss.item()}
+        return {**named, "pilot_kd": pilot_loss.item(), "quiz_ce": quiz_loss.item()}
+
+    def student_forward(self, params: Params, inputs: dict[str, torch.Tensor]) -> Outputs:
+        """The student's outputs that the loss reads, with ``params`` (θ, its projection's included) in place."""
+        student = self.student.module
+        if self.hidden is None:
+            return forward(student, params, inputs)
+        return forward(student, params, inputs, partial(self.hidden.student_states, student, params=params))
+
+    def teacher_forward(self, index: int, params: Params, inputs: dict[str, torch.Tensor]) -> Outputs:
+        states = None if self.hidden is None else partial(self.hidden.teacher_states, index)
+        return forward(self.teachers[index].module, params, inputs, states)
 
     def student_kernel(self) -> AbstractContextManager:
         """The attention kernel of the student's pilot forward: the JVP's (math) while attention draws dropout masks."""
         active = self.meta.meta_gradient != "double_backward" and attention_dropout_active(self.student.module)
         return sdpa_kernel(SDPBackend.MATH) if active else nullcontext()
 
-    def student_jvp(self, student: nn.Module, theta: Params, tangent: Sequence[torch.Tensor],
-                    inputs: dict[str, torch.Tensor], pilot_logits: torch.Tensor, dropout_state: tuple) -> torch.Tensor:
-        """w = J_θ(z_S)·v at the pilot's θ (whose logits are ``pilot_logits``), replaying the pilot's dropout masks."""
+    def student_jvp(self, theta: Params, tangent: Sequence[torch.Tensor], inputs: dict[str, torch.Tensor],
+                    pilot_outputs: Outputs, dropout_state: tuple) -> Outputs:
+        """w = J_θ(o_S)·v at the pilot's θ (whose outputs are ``pilot_outputs``), replaying its dropout masks."""
         primal = {n: p.detach() for n, p in theta.items()}
         tangents = dict(zip(theta, tangent))
-        logits_at = lambda params: forward(student, params, inputs)  # noqa: E731
+        outputs_at = partial(self.student_forward, inputs=inputs)
         if self.meta.meta_gradient == "forward_ad":
             # Fused attention kernels have no forward-mode derivative; the math kernel is plain differentiable ops.
             with replay_rng(dropout_state), sdpa_kernel(SDPBackend.MATH):
-                return jvp(logits_at, (primal,), (tangents,))[1]
+                return jvp(outputs_at, (primal,), (tangents,))[1]
         with self.student_kernel():
-            return finite_difference_jvp(logits_at, primal, tangents, pilot_logits, dropout_state)
+            return finite_difference_jvp(outputs_at, primal, tangents, pilot_outputs, dropout_state)
 
 
 def build(trial: Trial, quiz: Iterator[Batch] | None) -> MetaDistil:
     """The registry's builder (trainer/registry.py): the teachers are the trial's teacher engines."""
     assert quiz is not None, "the registry passes quiz batches to an algorithm declared with quiz=True"
     teachers = [trial.engines[f"teacher_{i}"] for i in range(len(trial.teachers))]
-    return MetaDistil(trial.engines["student"], teachers, trial.cfg.distill, trial.cfg.metadistil, quiz, trial.timer)
+    return MetaDistil(trial.engines["student"], teachers, trial.cfg.distill, trial.cfg.metadistil, quiz, trial.timer,
+                      trial.hidden)
 
 
-def logit_cross_term(loss: Callable, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                     labels: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """u = ∂/∂z_T ⟨∂ℓ/∂z_S, w⟩: the mixed second derivative of the loss in the logits, applied to w."""
-    z_s = student_logits.detach().requires_grad_()
-    z_t = teacher_logits.detach().requires_grad_()
-    (d_student,) = torch.autograd.grad(loss(z_s, z_t, labels), z_s, create_graph=True)
-    (u,) = torch.autograd.grad((d_student * w).sum(), z_t)
-    return u
+def detached(outputs: Outputs) -> Outputs:
+    return tuple(o.detach() for o in outputs)
 
 
-def finite_difference_jvp(fn: Callable[[Params], torch.Tensor], primal: Params, tangents: Params,
-                          at_primal: torch.Tensor, dropout_state: tuple) -> torch.Tensor:
-    """(f(θ + h v̂) − f(θ)) / h · |v|: one forward, f(θ) = ``at_primal`` (the pilot's logits) reused.
+def cross_term(loss: Callable, student: Outputs, teacher: Outputs, labels: torch.Tensor, w: Outputs) -> Outputs:
+    """u = ∂/∂o_T ⟨∂ℓ/∂o_S, w⟩: the mixed second derivative of the loss in the outputs, applied to w."""
+    o_s = tuple(o.detach().requires_grad_() for o in student)
+    o_t = tuple(o.detach().requires_grad_() for o in teacher)
+    d_student = torch.autograd.grad(loss(o_s, o_t, labels), o_s, create_graph=True)
+    inner = torch.stack([(d * part).sum() for d, part in zip(d_student, w, strict=True)]).sum()
+    return torch.autograd.grad(inner, o_t)
+
+
+def finite_difference_jvp(fn: Callable[[Params], Outputs], primal: Params, tangents: Params, at_primal: Outputs,
+                          dropout_state: tuple) -> Outputs:
+    """(f(θ + h v̂) − f(θ)) / h · |v|: one forward, f(θ) = ``at_primal`` (the pilot's outputs) reused.
 
     The step h = sqrt(eps) of the dtype along the unit tangent balances truncation against rounding: at MiniLM size
     in fp32 it measured 1.1e-4 relative error against forward-mode AD (h = 1e-4: 2.1e-4, 1e-3: 2.7e-4, 1e-2: 2.6e-3).
     """
     tangent_norm = float(torch.nn.utils.get_total_norm(list(tangents.values())))
     if tangent_norm == 0:
-        return torch.zeros_like(at_primal)
-    scale = float(torch.finfo(at_primal.dtype).eps) ** 0.5 / tangent_norm
+        return tuple(torch.zeros_like(o) for o in at_primal)
+    scale = float(torch.finfo(at_primal[0].dtype).eps) ** 0.5 / tangent_norm
     with torch.no_grad(), replay_rng(dropout_state):
         stepped = fn({n: p + scale * tangents[n] for n, p in primal.items()})
-    return (stepped - at_primal) / scale
+    return tuple((s - o) / scale for s, o in zip(stepped, at_primal, strict=True))
 
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -260,10 +286,16 @@ def attention_dropout_active(module: nn.Module) -> bool:
     return not rates or any(rate > 0 for rate in rates)
 
 
-def forward(module: nn.Module, params: Params, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The module's logits with ``params`` in place of its own, at least in fp32 (autocast computes them in bf16)."""
-    logits = functional_call(module, params, args=(), kwargs=inputs).logits
-    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+def forward(module: nn.Module, params: Params, inputs: dict[str, torch.Tensor],
+            states: Callable[[Sequence[torch.Tensor]], torch.Tensor] | None = None) -> Outputs:
+    """The module's logits, and with ``states`` what it makes of the module's hidden states, with ``params`` in place
+    of the module's own, at least in fp32 (autocast computes them in bf16)."""
+    if states is None:
+        outputs: Outputs = (functional_call(module, params, args=(), kwargs=inputs).logits,)
+    else:
+        out = functional_call(module, params, args=(), kwargs={**inputs, "output_hidden_states": True})
+        outputs = (out.logits, states(out.hidden_states))
+    return tuple(o.to(torch.promote_types(o.dtype, torch.float32)) for o in outputs)
 
 
 def rng_state(device: torch.device) -> tuple:
