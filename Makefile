@@ -32,4 +32,4 @@ demo: setup
 	print('\nThe runs in the MLflow UI (mlflow is $(VENV)/bin/mlflow): ' + ui_link(uri, experiment, 'demo'))"
 
 clean:
-	rm -rf runs mlflow.db .pytest_cache .mypy_cache .ruff_cache
+	rm -rf runs mlflow.db mlartifacts .pytest_cache .mypy_cache .ruff_cache

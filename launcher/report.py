@@ -45,13 +45,12 @@ import numpy as np
 
 from launcher.identity import OFF, ROLE, SWEEP, TrialIdentity
 from launcher.report_render import CSV_COLUMNS, TEST, chart, cost_chart, markdown, write_csv
-from launcher.significance import confidence_interval, paired_comparison
+from launcher.significance import compare_cells, confidence_interval
 from launcher.tracking import client as mlflow_client
 from trainer import registry
 from trainer.logging import redact_uri
 
 PARENT_TAG = "mlflow.parentRunId"
-BASELINE = "kd"  # the algorithm every distillation cell is compared with
 
 BLOCKS = ("Teachers", "Fine-Tuned Models", "Student Model with KD", "Student Model with MetaDistil",
           "Student Model with MetaDistil + Additional Teacher", "With Noise", "With Warm-up")
@@ -138,7 +137,7 @@ def build_report(tracking_uri: str, sweep: str, out_dir: Path, experiment: str =
     cells = _cells(attempts)
     reference = _reference_teacher_params(attempts)
     rows = [_row(cell, reference) for cell in cells]
-    _compare(cells, rows)
+    compare_cells(cells, rows)
     order = blocks()
     failed = [{"trial_id": a.trial_id, "status": a.status, "error": _error(a), "block": order[cell.block],
                "method": cell.method} for cell in cells for a in cell.failed]
@@ -349,45 +348,6 @@ def _row(c: _Cell, reference: float | None) -> dict[str, Any]:
         "vs_kd": None,
         "vs_one_teacher": None,
     }
-
-
-# ---------------------------------------------------------------------------------------------------- comparisons
-
-def _compare(cells: list[_Cell], rows: list[dict[str, Any]]) -> None:
-    """Fill each distillation row's paired comparisons with its KD baseline and, for several teachers, with the
-    best single-teacher row of its teachers (``launcher.report_render`` says which baseline, in the table's note)."""
-    index = {_key(c): r for c, r in zip(cells, rows)}
-    for c, row in zip(cells, rows):
-        if not c.distills:
-            continue
-        kd = _kd_baseline(c, index)
-        if kd is not None:
-            _set(row, "vs_kd", kd)
-        if len(c.teachers) > 1:
-            singles = [index.get(_key(c, algorithm=c.algorithm, teachers=(t,))) for t in c.teachers]
-            finished = [s for s in singles if s is not None and s["accuracy_mean"] is not None]
-            if finished:
-                _set(row, "vs_one_teacher", max(finished, key=lambda s: s["accuracy_mean"]))
-
-
-def _kd_baseline(c: _Cell, index: dict[tuple, dict[str, Any]]) -> dict[str, Any] | None:
-    same = index.get(_key(c, algorithm=BASELINE))
-    if c.algorithm != BASELINE and same is not None:
-        return same
-    clean = _key(c, algorithm=BASELINE, warmup=0.0, noise=OFF)
-    return index.get(clean) if clean != _key(c) else None
-
-
-def _key(c: _Cell, **change: Any) -> tuple:
-    """A cell's identity without its block, as seen by the comparisons: teachers as a tuple of labels."""
-    fields = {"algorithm": c.algorithm, "teachers": tuple(c.teachers), "student": c.student, "warmup": c.warmup,
-              "noise": c.noise, "extras": c.extras}
-    return tuple({**fields, **change}.values())
-
-
-def _set(row: dict[str, Any], name: str, baseline: dict[str, Any]) -> None:
-    row["baselines"][name] = baseline["method"]
-    row[name] = paired_comparison(row["by_seed"], baseline["by_seed"], baseline["method"])
 
 
 def _reference_teacher_params(attempts: list[_Attempt]) -> float | None:

@@ -12,10 +12,14 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from scipy import stats
 
+from launcher.identity import OFF
+
+BASELINE = "kd"  # the algorithm every distillation cell of Table 1 is compared with
 LEVEL = 0.95
 SIGNIFICANT = 0.05  # the p-value under which a comparison is marked in the table
 
@@ -72,3 +76,41 @@ def comparison_text(c: Comparison | None) -> str:
     if c is None:
         return "n/a"
     return f"{c.diff_mean:+.2f} (p={c.p_value:.3f})" + ("*" if c.significant else "")
+
+
+def compare_cells(cells: Sequence[Any], rows: list[dict[str, Any]]) -> None:
+    """Fill each distillation row of Table 1 (``launcher.report``: its cells and their rows, aligned) with its paired
+    comparisons: with its KD baseline (KD with the same teachers, student, warm-up and noise; else clean KD without
+    warm-up) and, for several teachers, with the best single-teacher row of its teachers."""
+    index = {_key(c): r for c, r in zip(cells, rows)}
+    for c, row in zip(cells, rows):
+        if not c.distills:
+            continue
+        kd = _kd_baseline(c, index)
+        if kd is not None:
+            _set(row, "vs_kd", kd)
+        if len(c.teachers) > 1:
+            singles = [index.get(_key(c, algorithm=c.algorithm, teachers=(t,))) for t in c.teachers]
+            finished = [s for s in singles if s is not None and s["accuracy_mean"] is not None]
+            if finished:
+                _set(row, "vs_one_teacher", max(finished, key=lambda s: s["accuracy_mean"]))
+
+
+def _kd_baseline(c: Any, index: dict[tuple, dict[str, Any]]) -> dict[str, Any] | None:
+    same = index.get(_key(c, algorithm=BASELINE))
+    if c.algorithm != BASELINE and same is not None:
+        return same
+    clean = _key(c, algorithm=BASELINE, warmup=0.0, noise=OFF)
+    return index.get(clean) if clean != _key(c) else None
+
+
+def _key(c: Any, **change: Any) -> tuple:
+    """A cell's identity without its block, as seen by the comparisons: teachers as a tuple of labels."""
+    fields = {"algorithm": c.algorithm, "teachers": tuple(c.teachers), "student": c.student, "warmup": c.warmup,
+              "noise": c.noise, "extras": c.extras}
+    return tuple({**fields, **change}.values())
+
+
+def _set(row: dict[str, Any], name: str, baseline: dict[str, Any]) -> None:
+    row["baselines"][name] = baseline["method"]
+    row[name] = paired_comparison(row["by_seed"], baseline["by_seed"], baseline["method"])

@@ -38,11 +38,11 @@ from trainer.config import (
     NoiseConfig,
     StudentConfig,
     TrialConfig,
-    apply_overrides,
     digest,
     parse_config,
 )
 from trainer.distributed import check_workers
+from trainer.overrides import apply_overrides
 from trainer.strict_yaml import read_yaml
 
 AXES = ("algorithm", "teacher_set", "student", "warmup", "noise", "seed", "workers")

@@ -16,12 +16,12 @@ from trainer.config import (
     OptimConfig,
     StudentConfig,
     TrialConfig,
-    apply_overrides,
     explain,
     flatten,
     load_config,
     parse_config,
 )
+from trainer.overrides import apply_overrides
 
 TEACHER = {"name": "teacher-a"}
 KD = {"algorithm": "kd", "teachers": [TEACHER]}

@@ -15,11 +15,12 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 import tiny
 from test_metadistil_step import DISTILL, Recording, hidden_setup, pilot_loss_of
 from trainer.algorithms import KD
-from trainer.config import HiddenConfig, apply_overrides, parse_config
+from trainer.config import HiddenConfig, parse_config
 from trainer.errors import ConfigError
 from trainer.hidden import PROJECTION, layer_pairs, prepare, without_projection
 from trainer.losses import average_outputs, hidden_loss
 from trainer.models import Loaded
+from trainer.overrides import apply_overrides
 
 
 def test_the_config_is_off_by_default_and_on_with_an_empty_section():
