@@ -42,7 +42,7 @@ from trainer.config import ConfigError, TrialConfig, load_config  # noqa: E402
 from trainer.engine import TorchEngine  # noqa: E402
 from trainer.evaluation import accuracy  # noqa: E402
 from trainer.loop import batch_stream  # noqa: E402
-from trainer.losses import cross_entropy  # noqa: E402
+from trainer.losses import task_loss  # noqa: E402
 
 COLUMNS = ("plain", "before", "after", "reversed", "random", "predicted")
 
@@ -76,7 +76,7 @@ def pilot_quiz_loss(algo: MetaDistil, theta: dict[str, torch.Tensor], batch, qui
             params = {n: p - lr * g for (n, p), g in zip(params.items(), grads)}
         student.train(quiz_rng is not None)
         with torch.no_grad(), replay_rng(quiz_rng) if quiz_rng else nullcontext():
-            return cross_entropy(forward(student, params, quiz.student)[0], quiz.labels).item()
+            return task_loss(forward(student, params, quiz.student)[0], quiz.labels).item()
     finally:
         student.train(was_training)
 

@@ -33,6 +33,19 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(_upcast(logits), labels)
 
 
+def is_regression(logits: torch.Tensor) -> bool:
+    """One output is a regression head (STS-B's similarity score), as transformers reads num_labels=1."""
+    return logits.shape[-1] == 1
+
+
+def task_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The task's own loss: cross-entropy on class labels, MSE on a regression head's scores. Fine-tuning and the
+    meta step's quiz use it."""
+    if is_regression(logits):
+        return F.mse_loss(_upcast(logits).squeeze(-1), labels.to(_upcast(logits).dtype))
+    return cross_entropy(logits, labels)
+
+
 def kl_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """KL(teacher || student) at temperature T, batch mean, scaled by T^2 so gradients keep their size across T."""
     log_p_student = F.log_softmax(_upcast(student_logits) / temperature, dim=-1)
@@ -43,10 +56,14 @@ def kl_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, te
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
                       temperature: float, alpha: float) -> torch.Tensor:
-    """alpha * T^2 * KL(teacher || student) + (1 - alpha) * CE(student, labels)."""
-    loss = alpha * kl_divergence(student_logits, teacher_logits, temperature)
+    """alpha * T^2 * KL(teacher || student) + (1 - alpha) * CE(student, labels). A regression head has no
+    distribution to soften: alpha * MSE(student, teacher) + (1 - alpha) * MSE(student, labels), T unused."""
+    if is_regression(student_logits):
+        loss = alpha * F.mse_loss(_upcast(student_logits), _upcast(teacher_logits))
+    else:
+        loss = alpha * kl_divergence(student_logits, teacher_logits, temperature)
     if alpha < 1:
-        loss = loss + (1 - alpha) * cross_entropy(student_logits, labels)
+        loss = loss + (1 - alpha) * task_loss(student_logits, labels)
     return loss
 
 

@@ -145,3 +145,20 @@ def test_half_precision_is_upcast(logits, half):
 def test_float32_stays_float32(logits):
     student, teacher, labels = (x.float() if x.is_floating_point() else x for x in logits)
     assert distillation_loss(student, teacher, labels, 2.0, 0.5).dtype == torch.float32
+
+
+def test_a_regression_head_takes_mse_for_the_task_and_for_distillation():
+    from trainer.losses import task_loss
+
+    student = torch.tensor([[1.0], [2.5], [0.0]], dtype=torch.float64)
+    teacher = torch.tensor([[1.0], [2.5], [3.0]], dtype=torch.float64)
+    scores = torch.tensor([2.0, 3.0, 0.5], dtype=torch.float64)  # STS-B similarity scores, float labels
+    # (1-2)^2, (2.5-3)^2, (0-0.5)^2 -> 1.5 / 3
+    assert task_loss(student, scores).item() == pytest.approx(0.5)
+    # against the teacher: 0, 0, (0-3)^2 -> 9 / 3; the temperature does not enter
+    for t in (1.0, 4.0):
+        assert distillation_loss(student, teacher, scores, t, 1.0).item() == pytest.approx(3.0)
+        assert distillation_loss(student, teacher, scores, t, 0.3).item() == pytest.approx(0.3 * 3.0 + 0.7 * 0.5)
+    labels = torch.tensor([0, 1, 1])
+    logits = torch.randn(3, 2)
+    assert task_loss(logits, labels).item() == pytest.approx(cross_entropy(logits, labels).item())

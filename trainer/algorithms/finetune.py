@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from trainer.data import Batch
 from trainer.engine import Engine
-from trainer.losses import cross_entropy
+from trainer.losses import is_regression, task_loss
 
 if TYPE_CHECKING:
     from trainer.build import Trial
@@ -20,10 +20,11 @@ class FineTune:
         self.student = student
 
     def train_step(self, batch: Batch, step: int) -> dict[str, float]:
-        loss = cross_entropy(self.student(**batch.student).logits, batch.labels)
+        logits = self.student(**batch.student).logits
+        loss = task_loss(logits, batch.labels)
         self.student.backward(loss)
         self.student.step()
-        return {"ce": loss.item()}
+        return {"mse" if is_regression(logits) else "ce": loss.item()}
 
 
 def build(trial: Trial, quiz: Iterator[Batch] | None) -> FineTune:

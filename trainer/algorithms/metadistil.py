@@ -41,7 +41,7 @@ from trainer.data import Batch
 from trainer.distributed import average
 from trainer.engine import Engine, apply_gradients
 from trainer.hidden import HiddenMap
-from trainer.losses import Outputs, average_outputs, cross_entropy
+from trainer.losses import Outputs, average_outputs, task_loss
 from trainer.metrics import PhaseTimer
 
 if TYPE_CHECKING:
@@ -106,7 +106,7 @@ class MetaDistil(KD[Engine]):
         # The quiz runs in fp32 even under bf16: autocast would round θ' back to θ in every matmul, and the small quiz
         # batch's gradient v is where the meta-gradient is most sensitive to rounding (bf16 here: several % off).
         with self.timer("quiz"), dropout(student, self.meta.quiz_dropout):
-            quiz_loss = cross_entropy(forward(student, stepped, quiz.student)[0], quiz.labels)
+            quiz_loss = task_loss(forward(student, stepped, quiz.student)[0], quiz.labels)
         with self.timer("teacher_update"):
             flat_phis = [p for phi in phis for p in phi.values()]
             if second_order:
