@@ -18,7 +18,7 @@ from trainer.config import DistillConfig, HiddenConfig, MetaDistilConfig, NoiseC
 from trainer.data import Collator, synthetic_sentiment
 from trainer.engine import TorchEngine
 from trainer.hidden import HiddenMap, prepare
-from trainer.losses import average_logits, cross_entropy, distillation_loss
+from trainer.losses import average_logits, cross_entropy, distillation_loss, task_loss
 from trainer.models import Loaded
 
 DISTILL = DistillConfig(temperature=2.0, alpha=0.7)
@@ -95,7 +95,7 @@ def quiz_loss_of_teachers(student, teachers, batch, quiz, teacher_params, hidden
     loss = pilot_loss_of(student, theta, teachers, teacher_params, batch, hidden)
     grads = torch.autograd.grad(loss, list(theta.values()), create_graph=True)
     stepped = {n: p - PILOT_LR * g for (n, p), g in zip(theta.items(), grads)}
-    return cross_entropy(functional_call(student, stepped, kwargs=quiz.student).logits, quiz.labels)
+    return task_loss(functional_call(student, stepped, kwargs=quiz.student).logits, quiz.labels)
 
 
 def meta_gradients(student, teachers, batch, quiz, method: str, hidden: HiddenMap | None = None):
@@ -155,6 +155,46 @@ def test_first_order_route_equals_double_backward(tokenizers, n_teachers, method
         num = sum(((got[n] - ref[n]) ** 2).sum() for n in ref).sqrt()
         den = sum((ref[n] ** 2).sum() for n in ref).sqrt()
         assert num / den < tolerance, f"{method}: relative error {num / den:.2e}"
+
+
+def _regression_head(model) -> None:
+    """One output, as a regression task's classifier has (STS-B); float64 like the rest of the model."""
+    head = model.classifier.out_proj if hasattr(model.classifier, "out_proj") else model.classifier
+    one = torch.nn.Linear(head.in_features, 1, dtype=head.weight.dtype)
+    if hasattr(model.classifier, "out_proj"):
+        model.classifier.out_proj = one
+    else:
+        model.classifier = one
+    model.config.num_labels = model.num_labels = 1
+
+
+@pytest.mark.parametrize("n_teachers", [1, 2])
+def test_meta_gradient_of_a_regression_head(tokenizers, n_teachers):
+    """MSE distillation and an MSE quiz: the first-order route still equals double backward and the definition."""
+    student, teachers, batch, quiz = make_setup(tokenizers, n_teachers, student_builder=tiny.tiny_bert)
+    torch.manual_seed(5)
+    for model in (student, *teachers):
+        _regression_head(model)
+    batch.labels = torch.linspace(0, 5, len(batch.labels), dtype=torch.float64)  # similarity scores
+    quiz.labels = torch.linspace(1, 4, len(quiz.labels), dtype=torch.float64)
+    base = [{n: p.detach().clone() for n, p in t.named_parameters()} for t in teachers]
+    results = {}
+    for route in ("forward_ad", "double_backward"):
+        results[route], _ = meta_gradients(copy.deepcopy(student), [copy.deepcopy(t) for t in teachers], batch, quiz,
+                                           route)
+    for got, ref in zip(results["forward_ad"], results["double_backward"]):
+        num = sum(((got[n] - ref[n]) ** 2).sum() for n in ref).sqrt()
+        den = sum((ref[n] ** 2).sum() for n in ref).sqrt()
+        assert den > 0 and num / den < 1e-10
+    torch.manual_seed(0)
+    direction = [{n: torch.randn_like(p) for n, p in phi.items()} for phi in base]
+    eps = 1e-5
+    plus = [{n: p + eps * d[n] for n, p in phi.items()} for phi, d in zip(base, direction)]
+    minus = [{n: p - eps * d[n] for n, p in phi.items()} for phi, d in zip(base, direction)]
+    finite = (quiz_loss_of_teachers(student, teachers, batch, quiz, plus)
+              - quiz_loss_of_teachers(student, teachers, batch, quiz, minus)).item() / (2 * eps)
+    analytic = sum((g[n] * d[n]).sum().item() for g, d in zip(results["forward_ad"], direction) for n in g)
+    assert abs(finite) > 1e-6 and abs(analytic - finite) / abs(finite) < 1e-4
 
 
 @pytest.mark.parametrize("hidden_case", [None, "projected"])
