@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from launcher import runs
-from launcher.identity import RUN_NAME, TrialIdentity, of_plan, run_names
+from launcher.identity import NODE, RUN_NAME, TrialIdentity, of_plan, run_names
 from launcher.spec import Plan, Trial
 from launcher.spec_checks import prepare_storage
 from launcher.tracking import local_store, resolve_tracking
@@ -228,6 +228,8 @@ def _train_loop_per_worker(p: dict[str, Any]) -> None:
 
 def _run_worker(p: dict[str, Any], report, main: bool = True) -> None:
     """The trainer on one worker; only the first worker logs to MLflow (every worker reports, as Ray Train needs)."""
+    import ray
+
     from launcher.tracking import MLflowLogger
     from trainer.config import parse_config
     from trainer.loop import run_trial
@@ -236,8 +238,10 @@ def _run_worker(p: dict[str, Any], report, main: bool = True) -> None:
     loggers = []
     if main:
         existing = runs.child_run(p["uri"], p["experiment"], p["parent"], p["id"])
-        # the run name comes with the tags (mlflow.runName), and renames a run that an older version named
-        loggers.append(MLflowLogger(p["uri"], p["experiment"], parent_run_id=p["parent"], tags=p["tags"],
+        # the run name comes with the tags (mlflow.runName), and renames a run that an older version named; the node
+        # says where the trial ran (on a cluster, a retry may run elsewhere)
+        tags = {**p["tags"], NODE: ray.get_runtime_context().get_node_id()}
+        loggers.append(MLflowLogger(p["uri"], p["experiment"], parent_run_id=p["parent"], tags=tags,
                                     run_id=existing))
     # The checkpoint lives with the trial's outputs (shared storage on a cluster): a retry on another node, or a
     # resumed sweep, continues from the last evaluation.

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 ROLE, SWEEP, TRIAL_ID = "metadistil.role", "metadistil.sweep", "metadistil.trial_id"
 CONFIG_HASH, PREVIOUS_HASH = "metadistil.config_hash", "metadistil.previous_config_hash"
+NODE = "metadistil.ray_node"  # the Ray node a trial ran on (its latest attempt's), set by the trial itself
 RUN_NAME = "mlflow.runName"  # MLflow's tag for the run name (mlflow/utils/mlflow_tags.py)
 EXTRA = "grid."  # tag prefix of the values of grid.extra keys
 OFF = "off"  # the noise tag of a setting without noise, whatever the spec calls it

@@ -47,7 +47,7 @@ def save(folder: Path, step: int, best: dict, engines: dict[str, Engine], config
     barrier()
     if is_main():
         torch.save({"best_state": best["state"]}, staging / _TRAINER)
-        (staging / _STATE).write_text(json.dumps({"step": step, "best_accuracy": best["accuracy"],
+        (staging / _STATE).write_text(json.dumps({"step": step, "best_scores": best["scores"],
                                                   "best_step": best["step"], "config": config}))
         shutil.rmtree(folder, ignore_errors=True)
         staging.rename(folder)
@@ -69,7 +69,7 @@ def load(folder: Path, engines: dict[str, Engine], config: str) -> tuple[int, di
         load_checkpoint(engine, str(folder / name), tag=_TAG)
     extra = safe_load(folder / _TRAINER)
     torch.set_rng_state(safe_load(folder / _rng_file()))
-    best = {"accuracy": state["best_accuracy"], "step": state["best_step"], "state": extra["best_state"]}
+    best = {"scores": state["best_scores"], "step": state["best_step"], "state": extra["best_state"]}
     return state["step"], best
 
 

@@ -17,6 +17,7 @@ from trainer import registry
 from trainer.errors import ConfigError, ConfigKeyError
 from trainer.overrides import apply_overrides
 from trainer.strict_yaml import read_yaml
+from trainer.tasks import TASKS, TaskName, config_problem
 
 # A registered algorithm's name (trainer/registry.py); a trial config's and a sweep grid's.
 AlgorithmName = Annotated[str, BeforeValidator(registry.known)]
@@ -27,12 +28,18 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
+    task: TaskName | None = Field(None, description="A GLUE task: fixes the text columns (a sentence or a pair), "
+                                  "labels and metrics (trainer/tasks.py), read from the hub subset of that name or, "
+                                  "with path, from a folder in GLUE's raw layout (train.tsv, dev.tsv). null: the "
+                                  "columns below, scored by accuracy.")
     name: str = Field("nyu-mll/glue", min_length=1, description="Hugging Face hub dataset, used when path is null; "
                       "'synthetic' generates a small, learnable sentiment set offline.")
     subset: str | None = Field("sst2", description="Configuration (subset) of the hub dataset; null for none.")
     path: str | None = Field(None, description="Local labelled file (tsv/csv/jsonl/json/parquet) or a folder holding "
                              "train.* and validation.* (and optionally test.*) files. Overrides name.")
     text_column: str = Field("sentence", description="Column holding the text.")
+    text_pair_column: str | None = Field(None, description="Column holding the second text of a sentence pair "
+                                         "(every tokenizer reads the two as a pair); null for single texts.")
     label_column: str = Field("label", description="Column holding integer class labels 0..num_labels-1.")
     train_size: int = Field(30_000, ge=1, description="Training examples drawn from the train split.")
     quiz_size: int = Field(100, ge=1, description="Held-out quiz examples (MetaDistil's meta objective), drawn from "
@@ -54,6 +61,21 @@ class DataConfig(_Section):
     train_subset_seed: int | None = Field(None, ge=0, description="Draw the train examples from the pool left after "
                                           "test, quiz and carved validation with this seed (teachers fine-tuned on "
                                           "different subsets); null takes the split draw's next train_size examples.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _task_subset(cls, raw: Any) -> Any:
+        # GLUE's hub subsets are named after the tasks; written out, the subset reads back the same
+        if isinstance(raw, dict) and raw.get("task") in TASKS and "subset" not in raw:
+            return {**raw, "subset": raw["task"]}
+        return raw
+
+    @model_validator(mode="after")
+    def _task_fixes_columns(self) -> DataConfig:
+        problem = config_problem(self, {k: f.default for k, f in DataConfig.model_fields.items()})
+        if problem:
+            raise ConfigKeyError(*problem)
+        return self
 
 
 class ModelConfig(_Section):
@@ -163,7 +185,8 @@ class NoiseSide(_Section):
     p: float = Field(0.0, ge=0, lt=1, description="Probability that a word is replaced by a noise word.")
     mode: Literal["vocab", "token"] = Field("vocab", description="'vocab': a random word from the training texts; "
                                             "'token': the fixed string in token.")
-    token: str = Field("[UNK]", min_length=1, description="The noise word when mode is 'token'.")
+    token: str = Field("[UNK]", min_length=1, description="The noise word when mode is 'token'; '[UNK]' and "
+                       "'[MASK]' stand for each tokenizer's own unknown and mask token (RoBERTa's '<unk>').")
 
 
 class NoiseConfig(_Section):

@@ -14,8 +14,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from trainer.config import ConfigError, DataConfig, NoiseConfig
-from trainer.datafiles import FORMATS, TextSet, read_labelled, whole_number
-from trainer.noise import add_noise, build_vocabulary, noise_rng
+from trainer.datafiles import FORMATS, Example, TextSet, read_labelled, verbatim, whole_number
+from trainer.noise import add_noise, build_vocabulary, noise_rng, noise_token
+from trainer.tasks import TASKS, from_hub, read_raw
 
 if TYPE_CHECKING:
     import torch
@@ -32,6 +33,7 @@ class Splits:
     validation: TextSet
     test: TextSet
     num_labels: int
+    metrics: tuple[str, ...] = ("accuracy",)  # trainer.metrics names; the first picks the best checkpoint
 
     def sizes(self) -> dict[str, int]:
         return {name: len(getattr(self, name)) for name in ("train", "quiz", "validation", "test")}
@@ -45,8 +47,10 @@ def load_splits(cfg: DataConfig, seed: int) -> Splits:
     source = raw["train"]
     order = rng.permutation(len(source))
     test_labelled = "test" in raw and min(raw["test"].labels, default=-1) >= 0
-    num_labels = _label_count({name: part for name, part in raw.items() if name != "test" or test_labelled},
-                              source_name)
+    task = TASKS[cfg.task] if cfg.task else None
+    # a task's labels were checked against its classes as they were read
+    num_labels = task.num_labels if task else _label_count(
+        {name: part for name, part in raw.items() if name != "test" or test_labelled}, source_name)
     carved_test = 0 if test_labelled else cfg.test_size
     # A single local file (documented as allowed) has no validation split: it used to be refused outright. Now
     # validation is carved from train as well, disjoint from the rest, and then its size must be given.
@@ -72,7 +76,8 @@ def load_splits(cfg: DataConfig, seed: int) -> Splits:
     if cfg.train_subset_seed is not None:
         pool = np.random.default_rng([cfg.train_subset_seed, 1]).permutation(pool)
     train = source.take(pool[: cfg.train_size])
-    return Splits(train, quiz, validation, test, num_labels=num_labels)
+    return Splits(train, quiz, validation, test, num_labels=num_labels,
+                  metrics=task.metrics if task else ("accuracy",))
 
 
 def _label_count(labelled: dict[str, TextSet], source_name: str) -> int:
@@ -81,7 +86,7 @@ def _label_count(labelled: dict[str, TextSet], source_name: str) -> int:
         if min(part.labels, default=0) < 0:
             raise ConfigError(f"data.label_column: labels must be whole numbers >= 0; the {split} split of "
                               f"{source_name} has {min(part.labels)}")
-    return max(2, 1 + max(max(part.labels, default=0) for part in labelled.values()))
+    return max(2, 1 + int(max(max(part.labels, default=0) for part in labelled.values())))
 
 
 def _check_sizes(cfg: DataConfig, raw: dict[str, TextSet], carved_test: int, carved_validation: int,
@@ -104,25 +109,37 @@ def _check_sizes(cfg: DataConfig, raw: dict[str, TextSet], carved_test: int, car
                               f"of {source_name}; lower it")
 
 
-def all_texts(cfg: DataConfig) -> list[str]:
-    """Every text of the data source, whichever split a seed puts it in (what a token cache must hold)."""
-    return [t for part in load_raw(cfg).values() for t in part.texts]
+def has_pairs(cfg: DataConfig) -> bool:
+    """Whether the examples are sentence pairs (tokenized as pairs, cached under their own key)."""
+    return TASKS[cfg.task].raw.pair is not None if cfg.task else cfg.text_pair_column is not None
+
+
+def all_texts(cfg: DataConfig) -> list[Example]:
+    """Every text (or sentence pair) of the data source, whichever split a seed puts it in (what a token cache must
+    hold)."""
+    return [key for part in load_raw(cfg).values() for key in part.examples()]
 
 
 def load_raw(cfg: DataConfig) -> dict[str, TextSet]:
     """The data source's own splits (train, validation, test where it has them), before any split is drawn."""
+    task = TASKS[cfg.task] if cfg.task else None
     if cfg.path is not None:
-        return {split: read_labelled(file, cfg.text_column, cfg.label_column)
+        if task:
+            return read_raw(task, Path(cfg.path))
+        return {split: read_labelled(file, cfg.text_column, cfg.label_column, pair_column=cfg.text_pair_column)
                 for split, file in _local_files(Path(cfg.path)).items()}
     if cfg.name == "synthetic":
         return synthetic_sentiment(cfg.train_size + cfg.quiz_size + cfg.test_size, cfg.validation_size or 872)
     import datasets
 
+    subset = task.name if task else cfg.subset  # GLUE's hub subsets are named after the tasks
     try:
-        loaded = datasets.load_dataset(cfg.name, cfg.subset)
+        loaded = datasets.load_dataset(cfg.name, subset)
     except Exception as err:  # noqa: BLE001 - the hub raises many types; the user needs the name and the cause
         raise ConfigError(f"data.name: could not load {cfg.name!r} from the Hugging Face hub "
                           f"({' '.join(str(err).split())}); set data.path to a local labelled file or folder") from None
+    if task:
+        return from_hub(task, loaded, f"{cfg.name}/{subset}")
     return {split: _to_textset(ds, cfg, f"{cfg.name}:{split}") for split, ds in loaded.items()}
 
 
@@ -142,16 +159,20 @@ def _local_files(path: Path) -> dict[str, Path]:
 
 
 def _to_textset(ds, cfg: DataConfig, where: str) -> TextSet:
-    for key, column in (("data.text_column", cfg.text_column), ("data.label_column", cfg.label_column)):
+    wanted = [("data.text_column", cfg.text_column), ("data.label_column", cfg.label_column)]
+    wanted += [("data.text_pair_column", cfg.text_pair_column)] if cfg.text_pair_column else []
+    for key, column in wanted:
         if column not in ds.column_names:
             raise ConfigError(f"{key}: column {column!r} not in {where} (columns: {', '.join(ds.column_names)})")
     # Whole columns via Arrow: with datasets>=4, ds[column] iterates row by row in Python (~10 s for SST-2's 65k rows
     # on a busy 2-core machine); the Arrow column converts in milliseconds and respects any index mapping.
     columns = ds.with_format("arrow")
-    texts = ["" if t is None else str(t) for t in columns[cfg.text_column].to_pylist()]
+    texts = [verbatim(t) for t in columns[cfg.text_column].to_pylist()]
+    pairs = [verbatim(t) for t in columns[cfg.text_pair_column].to_pylist()] if cfg.text_pair_column else None
     setting = f"data.label_column: {cfg.label_column!r} in {where}"
-    labels = [whole_number(v, setting, f"row {i + 1}") for i, v in enumerate(columns[cfg.label_column].to_pylist())]
-    return TextSet(texts, labels)
+    labels: list[float] = [whole_number(v, setting, f"row {i + 1}")
+                           for i, v in enumerate(columns[cfg.label_column].to_pylist())]
+    return TextSet(texts, labels, pairs)
 
 
 def synthetic_sentiment(n_train: int, n_validation: int, seed: int = 0) -> dict[str, TextSet]:
@@ -162,7 +183,8 @@ def synthetic_sentiment(n_train: int, n_validation: int, seed: int = 0) -> dict[
     filler = "the a this that movie film story plot acting cast script it was is quite very rather truly".split()
 
     def make(n: int) -> TextSet:
-        texts, labels = [], []
+        texts: list[str] = []
+        labels: list[float] = []
         for _ in range(n):
             label = int(rng.integers(2))
             words = list(rng.choice(filler, size=int(rng.integers(4, 9))))
@@ -195,7 +217,7 @@ class Collator:
     """Turns example indices into a Batch: noise per role, then one tokenization per distinct tokenizer and text."""
 
     def __init__(self, student_tokenizer, teacher_tokenizers: Sequence, max_length: int, noise: NoiseConfig,
-                 seed: int, vocabulary: Sequence[str] = (), token_cache: str | None = None):
+                 seed: int, vocabulary: Sequence[str] = (), token_cache: str | None = None, pairs: bool = False):
         self.student_tokenizer = student_tokenizer
         self.teacher_tokenizers = list(teacher_tokenizers)
         self.max_length = max_length
@@ -207,7 +229,7 @@ class Collator:
             from trainer.tokenized import TokenCache
 
             for tokenizer in [student_tokenizer, *self.teacher_tokenizers]:
-                found = TokenCache.load(token_cache, tokenizer, max_length)
+                found = TokenCache.load(token_cache, tokenizer, max_length, pairs)
                 if found:
                     self.caches[id(tokenizer)] = found
 
@@ -215,47 +237,58 @@ class Collator:
     def for_training(cls, student_tokenizer, teacher_tokenizers, max_length, noise, seed, train: TextSet,
                      token_cache: str | None = None) -> Collator:
         needs_vocab = any(side.p > 0 and side.mode == "vocab" for side in (noise.teacher, noise.student))
-        return cls(student_tokenizer, teacher_tokenizers, max_length, noise, seed,
-                   build_vocabulary(train.texts) if needs_vocab else (), token_cache)
+        vocabulary = build_vocabulary([*train.texts, *(train.pairs or [])]) if needs_vocab else ()
+        return cls(student_tokenizer, teacher_tokenizers, max_length, noise, seed, vocabulary, token_cache,
+                   pairs=train.pairs is not None)
 
-    def _noisy(self, data: TextSet, indices: Indices, role: str, epoch: int | None) -> list[str]:
+    def _segments(self, tokenizer, data: TextSet, indices: Indices, role: str, epoch: int | None
+                  ) -> tuple[list[str], list[str] | None]:
+        """The examples' texts and second sentences (None for single texts) as ``tokenizer`` reads them in ``role``."""
         side = getattr(self.noise, role)
         texts = [data.texts[i] for i in indices]
+        pairs = None if data.pairs is None else [data.pairs[i] for i in indices]
         if epoch is None or side.p <= 0:
-            return texts
-        token = side.token if side.mode == "token" else None
-        return [add_noise(t, side.p, noise_rng(self.seed, role, epoch, int(i)), token, self.vocabulary)
-                for t, i in zip(texts, indices)]
+            return texts, pairs
+        # the same words are hit for every tokenizer (the draw depends on the example only); the noise token is
+        # spelled as each tokenizer spells its own unknown token
+        token, glue = noise_token(side.token, tokenizer) if side.mode == "token" else (None, False)
+        noisy, noisy_pairs = [], []
+        for k, i in enumerate(indices):
+            rng = noise_rng(self.seed, role, epoch, int(i))
+            noisy.append(add_noise(texts[k], side.p, rng, token, self.vocabulary, glue))
+            if pairs is not None:  # the same generator goes on: the second sentence draws after the first
+                noisy_pairs.append(add_noise(pairs[k], side.p, rng, token, self.vocabulary, glue))
+        return noisy, None if pairs is None else noisy_pairs
 
-    def _tokenize(self, tokenizer, texts: list[str]) -> dict[str, torch.Tensor]:
+    def _tokenize(self, tokenizer, texts: list[str], pairs: list[str] | None) -> dict[str, torch.Tensor]:
         cache = self.caches.get(id(tokenizer))
-        cached = cache.encode(texts) if cache else None
+        cached = cache.encode(texts if pairs is None else list(zip(texts, pairs))) if cache else None
         if cached is not None:
             return cached
-        enc = tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        # token_type_ids are left out, for pairs too: not every model takes them (DistilBERT refuses them), and the
+        # token cache holds ids only; the tokenizer's separator tokens mark the pair
+        enc = tokenizer(texts, pairs, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
         return {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask")}
 
     def __call__(self, data: TextSet, indices: Indices, epoch: int | None = None,
                  with_teachers: bool = True) -> Batch:
         """epoch=None means no noise (evaluation)."""
-        student_texts = self._noisy(data, indices, "student", epoch)
-        cache: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+        encoded: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
 
-        def encode(tokenizer, texts):
-            key = (id(tokenizer), id(texts))
-            if key not in cache:
-                cache[key] = self._tokenize(tokenizer, texts)
-            return cache[key]
+        def encode(tokenizer, role: str) -> dict[str, torch.Tensor]:
+            key = (id(tokenizer), role)
+            if key not in encoded:
+                encoded[key] = self._tokenize(tokenizer, *self._segments(tokenizer, data, indices, role, epoch))
+            return encoded[key]
 
-        student = encode(self.student_tokenizer, student_texts)
+        student = encode(self.student_tokenizer, "student")
         teachers = []
         if with_teachers and self.teacher_tokenizers:
             same_noise = epoch is None or (self.noise.teacher.p <= 0 and self.noise.student.p <= 0)
-            teacher_texts = student_texts if same_noise else self._noisy(data, indices, "teacher", epoch)
-            teachers = [encode(tok, teacher_texts) for tok in self.teacher_tokenizers]
+            teachers = [encode(tok, "student" if same_noise else "teacher") for tok in self.teacher_tokenizers]
         import torch
 
-        labels = torch.tensor([data.labels[i] for i in indices], dtype=torch.long)
+        labels = torch.tensor([data.labels[i] for i in indices], dtype=torch.float if data.regression else torch.long)
         return Batch(labels, student, teachers, np.asarray(indices))
 
 

@@ -2,9 +2,10 @@
 
 Every problem is a one-line ConfigError naming the file and the setting: bytes that are not UTF-8, an empty or
 header-only file, a row with the wrong number of fields, a missing column (naming the columns found), a label that
-is not a whole number. Read with the standard library (pyarrow for parquet) rather than ``datasets``: nothing is
-cached on disk, SST-2's 65k rows read in about half a second without importing torch (``metadistil validate`` reads
-every data file), and texts stay verbatim (pandas, under ``datasets``, reads the sentence "null" as a missing value).
+is not a whole number. GLUE tasks read their files through ``read_records`` (trainer.tasks). Read with the standard
+library (pyarrow for parquet) rather than ``datasets``: nothing is cached on disk, SST-2's 65k rows read in about
+half a second without importing torch (``metadistil validate`` reads every data file), and texts stay verbatim
+(pandas, under ``datasets``, reads the sentence "null" as a missing value).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import csv
 import io
 import json
 import math
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,18 +22,26 @@ from typing import Any
 from trainer.errors import ConfigError
 
 FORMATS = (".tsv", ".csv", ".jsonl", ".json", ".parquet")
+Example = str | tuple[str, str]  # what a tokenizer reads of one example: a text, or a sentence pair
 
 
 @dataclass
 class TextSet:
     texts: list[str]
-    labels: list[int]
+    labels: list[float]  # whole-number classes, or scores when regression
+    pairs: list[str] | None = None  # the second sentences of sentence pairs
+    regression: bool = False
 
     def __len__(self) -> int:
         return len(self.texts)
 
     def take(self, indices: Collection[int]) -> TextSet:
-        return TextSet([self.texts[i] for i in indices], [self.labels[i] for i in indices])
+        pairs = None if self.pairs is None else [self.pairs[i] for i in indices]
+        return TextSet([self.texts[i] for i in indices], [self.labels[i] for i in indices], pairs, self.regression)
+
+    def examples(self) -> list[Example]:
+        """What a tokenizer reads of each example (token caches are keyed by it)."""
+        return list(self.texts) if self.pairs is None else list(zip(self.texts, self.pairs))
 
 
 @dataclass(frozen=True)
@@ -42,38 +51,57 @@ class Keys:
     path: str = "data.path"
     text: str = "data.text_column"
     label: str = "data.label_column"
+    pair: str = "data.text_pair_column"
 
 
 EVALUATE_KEYS = Keys("--data", "--text-column", "--label-column")
 
 
-def read_labelled(file: Path, text_column: str, label_column: str, keys: Keys = Keys()) -> TextSet:
-    """The whole file; refused unless it has at least one row, both columns and a whole-number label in every row.
+def read_labelled(file: Path, text_column: str, label_column: str, keys: Keys = Keys(),
+                  pair_column: str | None = None) -> TextSet:
+    """The whole file; refused unless it has at least one row, the columns and a whole-number label in every row.
 
     Labels may be negative here (GLUE marks hidden test labels -1); whoever uses them checks their range.
     """
+    columns, records = read_records(file, keys)
+    wanted = [(keys.text, text_column), (keys.label, label_column)]
+    wanted += [(keys.pair, pair_column)] if pair_column else []
+    for key, column in wanted:
+        if column not in columns:
+            raise ConfigError(f"{key}: column {column!r} not in {file} (columns: {', '.join(map(str, columns))})")
+    texts: list[str] = []
+    pairs: list[str] = []
+    labels: list[float] = []
+    for where, record in records:
+        missing = next((column for _, column in wanted if column not in record), None)
+        if missing:  # a JSON object without one of the columns
+            raise ConfigError(f"{keys.path}: {where} of {file} has no {missing!r}")
+        texts.append(verbatim(record[text_column]))
+        if pair_column:
+            pairs.append(verbatim(record[pair_column]))
+        labels.append(whole_number(record[label_column], f"{keys.label}: {label_column!r} in {file}", where))
+    return TextSet(texts, labels, pairs if pair_column else None)
+
+
+def read_records(file: Path, keys: Keys = Keys(), header: Sequence[str] | None = None
+                 ) -> tuple[list[str], list[tuple[str, dict]]]:
+    """The file's column names and its rows as (where, {column: value}); at least one row. ``header`` names the
+    columns of a tsv/csv file that has no header row (GLUE's CoLA)."""
     if not file.is_file():
         raise ConfigError(f"{keys.path}: {str(file)!r} " + ("is a folder, not a file" if file.is_dir() else
                                                             "does not exist"))
     if file.suffix not in FORMATS:
         raise ConfigError(f"{keys.path}: unsupported file type {file.suffix!r} of {str(file)!r} (allowed: "
                           f"{', '.join(FORMATS)})")
-    columns, records = _parquet(file, keys) if file.suffix == ".parquet" else _text_records(file, keys)
+    columns, records = _parquet(file, keys) if file.suffix == ".parquet" else _text_records(file, keys, header)
     if not records:
-        what = "a header but no rows" if columns else "no rows"
+        what = "a header but no rows" if columns and header is None else "no rows"
         raise ConfigError(f"{keys.path}: {file} has {what}; a labelled file needs at least one example")
-    for key, column in ((keys.text, text_column), (keys.label, label_column)):
-        if column not in columns:
-            raise ConfigError(f"{key}: column {column!r} not in {file} (columns: {', '.join(map(str, columns))})")
-    texts, labels = [], []
-    for where, record in records:
-        if text_column not in record or label_column not in record:  # a JSON object without one of the columns
-            missing = text_column if text_column not in record else label_column
-            raise ConfigError(f"{keys.path}: {where} of {file} has no {missing!r}")
-        text = record[text_column]
-        texts.append("" if text is None else str(text))
-        labels.append(whole_number(record[label_column], f"{keys.label}: {label_column!r} in {file}", where))
-    return TextSet(texts, labels)
+    return columns, records
+
+
+def verbatim(text: Any) -> str:
+    return "" if text is None else str(text)
 
 
 def whole_number(value: Any, setting: str, where: str) -> int:
@@ -103,10 +131,10 @@ def _decoded(file: Path, keys: Keys) -> str:
                           f"cannot be decoded); save it as UTF-8") from None
 
 
-def _text_records(file: Path, keys: Keys) -> tuple[list[str], list[tuple[str, dict]]]:
+def _text_records(file: Path, keys: Keys, header: Sequence[str] | None) -> tuple[list[str], list[tuple[str, dict]]]:
     text = _decoded(file, keys)
     if file.suffix in (".tsv", ".csv"):
-        return _delimited(text, file, keys)
+        return _delimited(text, file, keys, header)
     if file.suffix == ".json" and text.lstrip().startswith("["):
         try:
             items = json.loads(text)
@@ -129,19 +157,21 @@ def _text_records(file: Path, keys: Keys) -> tuple[list[str], list[tuple[str, di
     return (list(records[0][1]) if records else []), records
 
 
-def _delimited(text: str, file: Path, keys: Keys) -> tuple[list[str], list[tuple[str, dict]]]:
+def _delimited(text: str, file: Path, keys: Keys, given: Sequence[str] | None
+               ) -> tuple[list[str], list[tuple[str, dict]]]:
     # tsv without quote handling: sentences hold unbalanced " characters (GLUE's files are written this way)
     options: dict[str, Any] = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if file.suffix == ".tsv" else {}
     reader = csv.reader(io.StringIO(text, newline=""), **options)
     try:
-        header = next(reader, [])
+        header = list(given) if given is not None else next(reader, [])
         records = []
         for row in reader:
             if not row:  # a blank line
                 continue
             if len(row) != len(header):
-                raise ConfigError(f"{keys.path}: line {reader.line_num} of {file} has {len(row)} fields, the header "
-                                  f"has {len(header)}")
+                expected = f"the header has {len(header)}" if given is None else \
+                    f"expected {len(header)} ({', '.join(header)}; the file has no header row)"
+                raise ConfigError(f"{keys.path}: line {reader.line_num} of {file} has {len(row)} fields, {expected}")
             records.append((f"line {reader.line_num}", dict(zip(header, row))))
     except csv.Error as err:
         raise ConfigError(f"{keys.path}: line {reader.line_num} of {file} cannot be read ({err})") from None

@@ -1,7 +1,9 @@
-"""Accuracy of a classifier on a labelled text set."""
+"""A model's metrics on a labelled text set, and which evaluation is the best so far."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -9,22 +11,43 @@ from torch import nn
 
 from trainer.config import ConfigError, NoiseConfig
 from trainer.data import Collator, TextSet, index_batches
+from trainer.metrics import score
 from trainer.preflight import one_line
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, data: TextSet, collate: Collator, batch_size: int, device: torch.device) -> float:
-    """Fraction of correct argmax predictions, without noise or dropout; the model's mode is restored after."""
-    if len(data) == 0:
-        return float("nan")
+def predict(model: nn.Module, data: TextSet, collate: Collator, batch_size: int, device: torch.device) -> list[float]:
+    """Argmax classes (a regression head's score), without noise or dropout; the model's mode is restored after."""
     was_training = model.training
     model.eval()
-    correct = 0
+    out: list[float] = []
     for indices in index_batches(len(data), batch_size, seed=None):
-        batch = collate(data, indices, epoch=None, with_teachers=False).to(device)
-        correct += (model(**batch.student).logits.argmax(dim=-1) == batch.labels).sum().item()
+        logits = model(**collate(data, indices, epoch=None, with_teachers=False).to(device).student).logits
+        out.extend((logits[:, 0] if data.regression else logits.argmax(dim=-1)).tolist())
     model.train(was_training)
-    return correct / len(data)
+    return out
+
+
+def scores_on(model: nn.Module, data: TextSet, collate: Collator, batch_size: int, device: torch.device,
+             metrics: Sequence[str] = ("accuracy",)) -> dict[str, float]:
+    """The named metrics (trainer.metrics) of the model's predictions on ``data``; nan when it is empty."""
+    return score(metrics, predict(model, data, collate, batch_size, device), data.labels)
+
+
+def accuracy(model: nn.Module, data: TextSet, collate: Collator, batch_size: int, device: torch.device) -> float:
+    """Fraction of correct argmax predictions."""
+    return scores_on(model, data, collate, batch_size, device)["accuracy"]
+
+
+def improves(scores: Mapping[str, float], best: Mapping[str, float], main: str) -> bool:
+    """Whether an evaluation's ``scores`` beat the ``best`` so far (empty: none yet) by the ``main`` metric.
+
+    The first evaluation always does, whatever its value (an MCC may be -1, an empty split nan): the trial then
+    keeps weights it has scored rather than none.
+    """
+    if not best:
+        return True
+    return scores[main] > best[main] or (math.isnan(best[main]) and not math.isnan(scores[main]))
 
 
 def score_saved(model_dir: str | Path, data: TextSet, max_length: int, batch_size: int, device: torch.device) -> float:

@@ -26,7 +26,7 @@ from trainer.build import Trial, build_trial
 from trainer.config import DataConfig, TrialConfig, digest, flatten
 from trainer.data import Splits, index_batches
 from trainer.distributed import is_main, shard
-from trainer.evaluation import accuracy
+from trainer.evaluation import improves, scores_on
 from trainer.hidden import without_projection
 from trainer.logging import DataSplit, Logger, Loggers, StdoutLogger
 from trainer.preflight import check_trial
@@ -88,18 +88,21 @@ def _run(cfg: TrialConfig, log: Loggers, progress: bool, on_eval, checkpoint_dir
     algorithm = trial.algorithm(start)
     save = (partial(checkpoint.save, checkpoint_dir, engines=trial.engines, config=config_key)
             if checkpoint_dir else None)
-    evaluate = partial(accuracy, student.module, splits.validation, trial.collate, cfg.eval.batch_size, trial.device)
+    evaluate = partial(scores_on, student.module, splits.validation, trial.collate, cfg.eval.batch_size, trial.device,
+                       splits.metrics)
     best = _train(algorithm, trial, total, log, progress, phase="train", stream_seed=cfg.seed,
                   with_teachers=registry.get(cfg.algorithm).teachers != "none", evaluate=evaluate, on_eval=on_eval,
                   start=start, best=best, save=save)
 
     student.module.load_state_dict(best["state"])
-    test_acc = accuracy(student.module, splits.test, trial.collate, cfg.eval.batch_size, trial.device)
+    test = scores_on(student.module, splits.test, trial.collate, cfg.eval.batch_size, trial.device, splits.metrics)
     phases = trial.timer.summary()
     # train_wall_time_s: this attempt's warm-up and training, evaluations included; peak_memory_mb: the most GPU
     # memory a phase allocated on CUDA, else the process's peak resident memory (one column for the runs list)
     peaks = [v for k, v in phases.items() if k.startswith("peak_memory_")]
-    metrics = {"best_val_accuracy": best["accuracy"], "best_step": best["step"], "test_accuracy": test_acc,
+    # best_val_<metric>: the validation scores of the weights kept (the best by the main metric, splits.metrics[0])
+    metrics = {**{f"best_val_{k}": v for k, v in best["scores"].items()}, "best_step": best["step"],
+               **{f"test_{k}": v for k, v in test.items()},
                "warmup_steps": warmup_steps, "train_steps": total, "train_wall_time_s": time.perf_counter() - started,
                **({"peak_memory_mb": max(peaks)} if peaks else {}), **trial.sizes, **phases}
     log.log_metrics(metrics, step=warmup_steps + total)
@@ -113,10 +116,10 @@ def _run(cfg: TrialConfig, log: Loggers, progress: bool, on_eval, checkpoint_dir
 def _train(algorithm: registry.Algorithm, trial: Trial, steps: int, log: Loggers, progress: bool, phase: str,
            stream_seed: int, with_teachers: bool, evaluate=None, on_eval=None, start: int = 0, best: dict | None = None,
            save=None) -> dict:
-    """Run training steps ``start``..``steps``-1; with ``evaluate``, keep the best-validation weights (returned)
-    and, with ``save``, checkpoint after each evaluation."""
+    """Run training steps ``start``..``steps``-1; with ``evaluate``, keep the weights best by the main validation
+    metric (returned) and, with ``save``, checkpoint after each evaluation."""
     cfg, train = trial.cfg, trial.splits.train
-    best = best or {"accuracy": -1.0, "step": 0, "state": None}
+    best = best or {"scores": {}, "step": 0, "state": None}
     noisy = phase == "train"  # warm-up fine-tunes on clean text
     bar = tqdm(total=steps, initial=start, desc=phase, disable=not progress, dynamic_ncols=True)
     stream = itertools.islice(batch_stream(len(train), cfg.optim.batch_size, stream_seed, steps), start, None)
@@ -133,10 +136,11 @@ def _train(algorithm: registry.Algorithm, trial: Trial, steps: int, log: Loggers
         bar.update()
         bar.set_postfix({k: f"{v:.4f}" for k, v in losses.items()}, refresh=False)
         if evaluate and ((step + 1) % cfg.eval.every_steps == 0 or step + 1 == steps):
-            val = evaluate()
-            if val > best["accuracy"]:
-                best = {"accuracy": val, "step": step + 1, "state": _cpu_copy(algorithm.student.module)}
-            metrics = {"val_accuracy": val, "best_val_accuracy": best["accuracy"], "epoch": epoch}
+            scores = evaluate()
+            if improves(scores, best["scores"], trial.splits.metrics[0]):
+                best = {"scores": scores, "step": step + 1, "state": _cpu_copy(algorithm.student.module)}
+            metrics = {**{f"val_{k}": v for k, v in scores.items()},
+                       **{f"best_val_{k}": v for k, v in best["scores"].items()}, "epoch": epoch}
             log.log_metrics(metrics, step=step + 1)
             if save:
                 save(step + 1, best)
@@ -191,8 +195,10 @@ def data_splits(data: DataConfig, splits: Splits) -> list[DataSplit]:
     described = []
     for split, context in _CONTEXTS.items():
         part = getattr(splits, split)
-        described.append(DataSplit(f"{label}/{split}", context, len(part), digest([part.texts, part.labels]), source,
-                                   source_type, subset))
+        # pairs join the digest only where there are pairs: the digests of single-text splits stay as they were
+        content = [part.texts, part.labels, *([part.pairs] if part.pairs is not None else [])]
+        described.append(DataSplit(f"{label}/{split}", context, len(part), digest(content), source, source_type,
+                                   subset))
     return described
 
 

@@ -25,6 +25,7 @@ from trainer.config import DataConfig, EvalConfig, TrialConfig
 from trainer.data import Splits, load_splits
 from trainer.datafiles import EVALUATE_KEYS, TextSet, read_labelled
 from trainer.errors import ConfigError
+from trainer.tasks import TASKS
 
 WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 # tokenizer_config.json alone is not a tokenizer: transformers builds one with an empty vocabulary from it
@@ -66,7 +67,8 @@ def check_trial(cfg: TrialConfig) -> Splits | None:
         if folder is not None:
             folders[key] = folder
     splits = load_splits(cfg.data, cfg.seed) if cfg.data.path is not None else None
-    num_labels = splits.num_labels if splits else 2 if cfg.data.name == "synthetic" else None
+    num_labels = splits.num_labels if splits else TASKS[cfg.data.task].num_labels if cfg.data.task else \
+        2 if cfg.data.name == "synthetic" else None
     for key, folder in folders.items():
         _check_label_count(folder, key, num_labels, cfg.data.path or cfg.data.name)
     student = folders.get("student")

@@ -1,9 +1,10 @@
 """Texts tokenized once per tokenizer: a sweep prepares them before its trials, which then look them up.
 
-A cache file holds, for one tokenizer (identified by its content, not its name: a teacher fine-tuned by the sweep
-saves a copy of its base model's tokenizer) and one ``max_length``, the truncated token ids of every text of the
-sweep's data. Batches are padded from it exactly as the tokenizer would pad them. Texts it does not hold (noisy
-texts, which change every epoch) are tokenized on the fly.
+A cache file holds, for one tokenizer (identified by its content, not its name: a teacher fine-tuned by the sweep saves
+a copy of its base model's tokenizer) and one ``max_length``, the truncated token ids of every text of the sweep's data,
+or of every sentence pair (encoded as a pair, truncated longest first, in a file of its own key). Batches are padded
+from it exactly as the tokenizer would pad them. Texts it does not hold (noisy texts, which change every epoch) are
+tokenized on the fly.
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ from pathlib import Path
 
 import torch
 
+from trainer.datafiles import Example
 
-def cache_key(tokenizer, max_length: int) -> str:
+
+def cache_key(tokenizer, max_length: int, pairs: bool = False) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
         # a call with padding or truncation stores them in the backend's JSON: the same tokenizer, before and after
@@ -24,20 +27,25 @@ def cache_key(tokenizer, max_length: int) -> str:
         identity = json.dumps({k: v for k, v in state.items() if k not in ("truncation", "padding")}, sort_keys=True)
     else:
         identity = repr(sorted(tokenizer.get_vocab().items()))
-    digest = hashlib.sha256(f"{identity}|{max_length}|{tokenizer.padding_side}".encode()).hexdigest()
+    # "|pairs" only for pairs: the caches of single texts written before pairs existed keep their names
+    digest = hashlib.sha256(f"{identity}|{max_length}|{tokenizer.padding_side}{'|pairs' if pairs else ''}"
+                            .encode()).hexdigest()
     return f"{digest[:16]}-len{max_length}"
 
 
 class TokenCache:
-    def __init__(self, ids: dict[str, list[int]], pad_id: int, padding_side: str):
+    def __init__(self, ids: dict[Example, list[int]], pad_id: int, padding_side: str):
         self.ids = ids
         self.pad_id = pad_id
         self.padding_side = padding_side
 
     @classmethod
-    def build(cls, tokenizer, texts: Sequence[str], max_length: int) -> TokenCache:
+    def build(cls, tokenizer, texts: Sequence[Example], max_length: int) -> TokenCache:
+        """The ids of ``texts``: all single texts, or all (text, pair) tuples."""
         unique = list(dict.fromkeys(texts))
-        encoded = tokenizer(unique, truncation=True, max_length=max_length)["input_ids"]
+        firsts, pairs = ([t[0] for t in unique], [t[1] for t in unique]) if unique and isinstance(unique[0], tuple) \
+            else (unique, None)
+        encoded = tokenizer(firsts, pairs, truncation=True, max_length=max_length)["input_ids"]
         return cls(dict(zip(unique, encoded)), tokenizer.pad_token_id, tokenizer.padding_side)
 
     def save(self, path: Path) -> None:
@@ -47,14 +55,14 @@ class TokenCache:
         partial.replace(path)
 
     @classmethod
-    def load(cls, folder: str | Path, tokenizer, max_length: int) -> TokenCache | None:
-        path = Path(folder) / f"{cache_key(tokenizer, max_length)}.pt"
+    def load(cls, folder: str | Path, tokenizer, max_length: int, pairs: bool = False) -> TokenCache | None:
+        path = Path(folder) / f"{cache_key(tokenizer, max_length, pairs)}.pt"
         if not path.is_file():
             return None
         state = torch.load(path, weights_only=True)
         return cls(state["ids"], state["pad_id"], state["padding_side"])
 
-    def encode(self, texts: Sequence[str]) -> dict[str, torch.Tensor] | None:
+    def encode(self, texts: Sequence[Example]) -> dict[str, torch.Tensor] | None:
         """Padded input_ids and attention_mask, as the tokenizer returns them; None if a text is not cached."""
         try:
             rows = [self.ids[t] for t in texts]
@@ -78,12 +86,13 @@ def prepare_token_caches(configs: Sequence) -> list[Path]:
     extended with texts it lacks, never rebuilt from scratch.
     """
     from trainer.config import ConfigError
-    from trainer.data import all_texts
+    from trainer.data import all_texts, has_pairs
     from trainer.models import load_tokenizer
 
-    texts: dict[str, list[str]] = {}  # data config -> its texts, loaded once
+    texts: dict[str, list[Example]] = {}  # data config -> its texts (or pairs), loaded once
     tokenizers: dict[str, object] = {}  # tokenizer source -> tokenizer (None: not loadable yet)
-    wanted: dict[Path, tuple[object, int, set[str]]] = {}  # cache file -> (tokenizer, max_length, data configs)
+    # cache file -> (tokenizer, max_length, pairs, data configs)
+    wanted: dict[Path, tuple[object, int, bool, set[str]]] = {}
     for cfg in configs:
         if not cfg.data.token_cache:
             continue
@@ -99,11 +108,12 @@ def prepare_token_caches(configs: Sequence) -> list[Path]:
                 continue
             if data_key not in texts:
                 texts[data_key] = all_texts(cfg.data)
-            path = Path(cfg.data.token_cache) / f"{cache_key(tokenizers[source], cfg.data.max_length)}.pt"
-            wanted.setdefault(path, (tokenizers[source], cfg.data.max_length, set()))[2].add(data_key)
-    for path, (tokenizer, max_length, data_keys) in wanted.items():
+            pairs = has_pairs(cfg.data)
+            path = Path(cfg.data.token_cache) / f"{cache_key(tokenizers[source], cfg.data.max_length, pairs)}.pt"
+            wanted.setdefault(path, (tokenizers[source], cfg.data.max_length, pairs, set()))[3].add(data_key)
+    for path, (tokenizer, max_length, pairs, data_keys) in wanted.items():
         needed = [t for k in sorted(data_keys) for t in texts[k]]
-        cache = TokenCache.load(path.parent, tokenizer, max_length)
+        cache = TokenCache.load(path.parent, tokenizer, max_length, pairs)
         missing = needed if cache is None else [t for t in needed if t not in cache.ids]
         if missing:
             fresh = TokenCache.build(tokenizer, missing, max_length)

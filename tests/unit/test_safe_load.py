@@ -62,7 +62,7 @@ def trained(ds: dict, seed: int = 0, steps: int = 2):
 
 
 def save(folder: Path, e) -> None:
-    best = {"state": {k: v.clone() for k, v in e.module.state_dict().items()}, "accuracy": 0.5, "step": 2}
+    best = {"state": {k: v.clone() for k, v in e.module.state_dict().items()}, "scores": {"accuracy": 0.5}, "step": 2}
     checkpoint.save(folder, step=2, best=best, engines={"student": e}, config=CONFIG)
 
 
@@ -94,7 +94,7 @@ def test_a_real_checkpoint_restores_exactly(tmp_path, ds):
 
     step, best = checkpoint.load(tmp_path / "ckpt", {"student": restored}, CONFIG)
 
-    assert step == 2 and best["accuracy"] == 0.5
+    assert step == 2 and best["scores"] == {"accuracy": 0.5}
     assert_same(saved.module.state_dict(), restored.module.state_dict(), "module")
     assert_same(saved.optimizer.state_dict(), restored.optimizer.state_dict(), "optimizer")
     assert_same(dict(saved.module.state_dict()), best["state"], "best_state")

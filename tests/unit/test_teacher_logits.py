@@ -82,8 +82,9 @@ def test_the_key_follows_weights_tokenizer_texts_and_length(model_dirs):
                teacher_logits.logits_key(weights, other_tok, ["a b", "c"], 32, "cpu"),
                teacher_logits.logits_key(weights, tok, ["c", "a b"], 32, "cpu"),
                teacher_logits.logits_key(weights, tok, ["a b", "c"], 16, "cpu"),
-               teacher_logits.logits_key(weights, tok, ["a b", "c"], 32, "cuda")]
-    assert len({key, *changed}) == 6
+               teacher_logits.logits_key(weights, tok, ["a b", "c"], 32, "cuda"),
+               teacher_logits.logits_key(weights, tok, [("a b", "d"), ("c", "e")], 32, "cpu")]  # sentence pairs
+    assert len({key, *changed}) == 7
 
 
 def test_only_frozen_teachers_on_clean_text_share(tmp_path, model_dirs):

@@ -1,0 +1,85 @@
+"""Whole trials on GLUE-layout folders: a single-sentence task reports its metrics and keeps the checkpoint best by
+its main metric; a sentence-pair task distils across teachers with other tokenizers, with noise on both sentences;
+`validate`'s checks refuse a label of the wrong kind."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from test_trial import trial
+from test_trial_features import Recorder
+from trainer.config import ConfigError
+from trainer.loop import run_trial
+from trainer.preflight import check_trial
+
+POSITIVE, NEGATIVE = "good great fine lovely".split(), "bad awful dull weak".split()
+
+
+def sentences(n: int, seed: int) -> list[tuple[str, int]]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        label = int(rng.integers(2))
+        words = ["the", "film", "was", "quite", str(rng.choice(POSITIVE if label else NEGATIVE))]
+        out.append((" ".join(words), label))
+    return out
+
+
+def cola(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, n, seed in (("train.tsv", 300, 0), ("dev.tsv", 60, 1)):  # CoLA's layout: no header row
+        (folder / name).write_text("".join(f"gj04\t{y}\t{'' if y else '*'}\t{t}\n" for t, y in sentences(n, seed)))
+    return folder
+
+
+def rte(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, n, seed in (("train.tsv", 300, 2), ("dev.tsv", 60, 3)):
+        rows = [f"{i}\t{t}\tit was {'good' if y else 'bad'}\t{'entailment' if y else 'not_entailment'}"
+                for i, (t, y) in enumerate(sentences(n, seed))]
+        (folder / name).write_text("\n".join(["index\tsentence1\tsentence2\tlabel", *rows]) + "\n")
+    return folder
+
+
+def glue(tmp_path, task: str, folder: Path, **sections):
+    data = {"task": task, "path": str(folder), "train_size": 200, "quiz_size": 20, "test_size": 60,
+            "validation_size": None, "max_length": 32}
+    return trial(tmp_path, data=data, **sections)
+
+
+def test_a_single_sentence_task_reports_its_metrics_and_keeps_the_best_by_mcc(tmp_path, model_dirs):
+    log = Recorder()
+    cfg = glue(tmp_path, "cola", cola(tmp_path / "cola"), algorithm="finetune",
+               student={"name": model_dirs["distilbert"]}, optim={"max_steps": 60}, eval={"every_steps": 15})
+    result = run_trial(cfg, [log], progress=False)
+    evaluations = [(step, m) for step, m in log.metrics if "val_mcc" in m]
+    assert len(evaluations) == 4 and all("val_accuracy" in m for _, m in evaluations)
+    best = max(m["val_mcc"] for _, m in evaluations)
+    first_best = min(step for step, m in evaluations if m["val_mcc"] == best)  # a tie does not replace the best
+    assert result.metrics["best_step"] == first_best and result.metrics["best_val_mcc"] == best > 0.5
+    # best_val_accuracy is the accuracy of the weights kept, not the best accuracy seen
+    assert result.metrics["best_val_accuracy"] == dict(evaluations)[first_best]["val_accuracy"]
+    assert {"test_mcc", "test_accuracy"} <= set(result.metrics)
+
+
+def test_a_pair_task_distils_across_tokenizers_with_noise_on_both_sentences(tmp_path, model_dirs):
+    cfg = glue(tmp_path, "rte", rte(tmp_path / "rte"), algorithm="kd", student={"name": model_dirs["distilbert"]},
+               teachers=[{"name": model_dirs["bert"]}, {"name": model_dirs["roberta"]}],
+               noise={"student": {"p": 0.2, "mode": "token"}, "teacher": {"p": 0.1, "mode": "token"}},
+               optim={"max_steps": 20}, eval={"every_steps": 10})
+    result = run_trial(cfg, progress=False)
+    assert 0 <= result.metrics["best_val_accuracy"] <= 1 and "test_accuracy" in result.metrics
+
+
+def test_validate_refuses_a_score_on_a_classification_task(tmp_path, model_dirs):
+    folder = rte(tmp_path / "rte")
+    lines = (folder / "train.tsv").read_text().splitlines()
+    lines[5] = lines[5].rsplit("\t", 1)[0] + "\t4.2"
+    (folder / "train.tsv").write_text("\n".join(lines) + "\n")
+    cfg = glue(tmp_path, "rte", folder, algorithm="finetune", student={"name": model_dirs["distilbert"]})
+    with pytest.raises(ConfigError, match=r"^data\.task: rte is a classification task .*line 6 of .*train\.tsv "
+                                          r"has '4\.2'$"):
+        check_trial(cfg)
