@@ -56,27 +56,25 @@ def rescore_sweep(tracking_uri: str, experiment: str, sweep: str, data: str, col
     """
     from trainer.evaluation import score_saved
     from trainer.models import pick_device
-    from trainer.preflight import check_evaluation
+    from trainer.preflight import check_classifier, check_label_range
 
     metric = metric_name(data, name)
     torch_device = pick_device(device)
-    read_labelled(Path(data), *columns, EVALUATE_KEYS)  # a bad file fails once, here, not once per student
+    labelled = read_labelled(Path(data), *columns, EVALUATE_KEYS)  # a bad file fails once, here
     client = mlflow_client(tracking_uri)
     _, attempts = sweep_attempts(client, tracking_uri, sweep, experiment)
     scores: dict[str, float] = {}
-    examples = 0
     finished = sorted((a for a in attempts if a.ok), key=lambda a: (a.identity.role != "teacher", a.trial_id))
     skipped = {a.trial_id: f"not finished (run {a.status.lower()})" for a in attempts if not a.ok}
     for i, attempt in enumerate(finished, 1):
         try:
             folder = _student(attempt, tracking_uri)
-            labelled = check_evaluation(folder, data, *columns, max_length, batch_size, None)
+            check_label_range(check_classifier(folder, max_length, batch_size), labelled, folder, data)
             accuracy = score_saved(folder, labelled, max_length, batch_size, torch_device)
         except ConfigError as err:
             skipped[attempt.trial_id] = str(err)
             echo(f"  [{i}/{len(finished)}] {attempt.trial_id}: skipped: {err}")
             continue
-        examples = len(labelled)
         scores[attempt.trial_id] = accuracy
         client.log_metric(attempt.run_id, metric, accuracy)
         client.set_tag(attempt.run_id, f"{metric}.data", str(data))
@@ -87,8 +85,9 @@ def rescore_sweep(tracking_uri: str, experiment: str, sweep: str, data: str, col
                           f"runs, {len(finished)} finished)" + _first_reason(skipped))
     slug = metric.removesuffix("_accuracy")
     report = build_report(tracking_uri, sweep, out_dir / slug, experiment, attach, metric=metric,
-                          scored=f"accuracy on {Path(data).name} ({examples} examples)", artifact_dir=f"report/{slug}")
-    return Rescored(metric, examples, scores, skipped, report)
+                          scored=f"accuracy on {Path(data).name} ({len(labelled)} examples)",
+                          artifact_dir=f"report/{slug}")
+    return Rescored(metric, len(labelled), scores, skipped, report)
 
 
 def _student(attempt, tracking_uri: str) -> str:

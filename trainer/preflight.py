@@ -83,6 +83,16 @@ def check_trial(cfg: TrialConfig) -> Splits | None:
 def check_evaluation(model: str, data: str, text_column: str, label_column: str, max_length: int, batch_size: int,
                      json_path: str | None) -> TextSet:
     """``metadistil evaluate``'s inputs, all before the model loads; the labelled examples to score."""
+    folder = check_classifier(model, max_length, batch_size)
+    if json_path:
+        check_output_file("--json", Path(json_path))
+    examples = read_labelled(Path(data), text_column, label_column, EVALUATE_KEYS)
+    check_label_range(folder, examples, model, data)
+    return examples
+
+
+def check_classifier(model: str, max_length: int, batch_size: int) -> ModelFolder:
+    """A saved classifier with its tokenizer, to score at these settings (before it loads)."""
     try:  # the trial config's own limits for the same settings
         DataConfig(max_length=max_length)
         EvalConfig(batch_size=batch_size)
@@ -97,15 +107,16 @@ def check_evaluation(model: str, data: str, text_column: str, label_column: str,
         raise ConfigError(f"--model: {model!r} is not a saved classifier (architectures: "
                           f"{folder.config.get('architectures')}); its head would score at random. Give a trial's "
                           f"saved student folder")
-    if json_path:
-        check_output_file("--json", Path(json_path))
-    examples = read_labelled(Path(data), text_column, label_column, EVALUATE_KEYS)
+    return folder
+
+
+def check_label_range(folder: ModelFolder, examples: TextSet, model: str, data: str) -> None:
     n = folder.num_labels
+    assert n is not None  # check_classifier refused a folder without a classifier head
     bad = next((i for i, label in enumerate(examples.labels) if not 0 <= label < n), None)
     if bad is not None:
         raise ConfigError(f"--label-column: label {examples.labels[bad]} (example {bad + 1} of {data}) is out of "
                           f"range for {model}, a classifier with {n} labels (0..{n - 1})")
-    return examples
 
 
 def resolve_name(name: str) -> str:
