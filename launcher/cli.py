@@ -15,6 +15,7 @@ from pathlib import Path
 
 from trainer.config import ConfigError, explain, load_config
 from trainer.logging import NAMED_LINE, QUIET_LIBRARIES, redact_text, redact_uri
+from trainer.tasks import METRIC_NAMES, main_metric
 
 # Notices every trial repeats: transformers' load report (a fresh classification head is "MISSING") and its bars for
 # loading and saving weights. Environment variables, so that the trainer reads them in this process and in the
@@ -32,8 +33,9 @@ def _train(args: argparse.Namespace) -> int:
     from trainer.loop import run_trial  # torch and DeepSpeed: seconds of imports, after the quick checks
 
     result = run_trial(cfg, loggers, progress=not args.no_progress)
-    print(f"best validation accuracy {result.metrics['best_val_accuracy']:.4f}, "
-          f"test accuracy {result.metrics['test_accuracy']:.4f}; outputs in {result.output_dir}")
+    metric = main_metric(cfg.data.task)
+    print(f"best validation {METRIC_NAMES[metric]} {result.metrics[f'best_val_{metric}']:.4f}, "
+          f"test {METRIC_NAMES[metric]} {result.metrics[f'test_{metric}']:.4f}; outputs in {result.output_dir}")
     return 0
 
 
@@ -78,9 +80,10 @@ def _sweep(args: argparse.Namespace) -> int:
         print(f"  FAILED {trial}: {redact_text(error.splitlines()[0])[:300]}")
     print("sweep wall time: " + ", ".join(f"{k.removeprefix('sweep_').removesuffix('_s').replace('_', ' ')} "
                                           f"{v:.1f} s" for k, v in result.phases.items()))
-    if result.best:
-        print(f"best student: {result.best[0]} (by validation accuracy), registered as "
-              f"models:/metadistil-{spec.name}@best (version {result.best[1]})")
+    for name, (trial, registered) in result.best.items():
+        task = next((t.config.data.task for t in plan.trials if t.id == trial), None)
+        print(f"best student: {trial} (by validation {METRIC_NAMES[main_metric(task)]}), registered as "
+              f"models:/{name}@best (version {registered})")
     if not args.no_report:
         from launcher.report import build_report
 

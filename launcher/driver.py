@@ -22,15 +22,22 @@ from launcher.spec import Plan, Trial
 from launcher.spec_checks import prepare_storage
 from launcher.tracking import local_store, resolve_tracking
 from trainer.config import TrackingConfig, flatten
+from trainer.tasks import main_metric
 from trainer.tokenized import prepare_token_caches
 
 # A multi-worker trial's own (Tune) process needs a non-zero CPU request; it is taken from its workers' share, so the
 # trial fits in exactly workers x resources.cpus (else 2 workers x 1 CPU never fit on a 2-CPU node beside it).
 DRIVER_CPU = 0.01
 # The sweep's status table: a trial's axes, then what it reported (an evaluation, then its final metrics)
-CONSOLE_COLUMNS = ("algorithm", "teachers", "student", "warmup", "noise", "seed")
-CONSOLE_METRICS = {"step": "step", "val_accuracy": "val acc", "best_val_accuracy": "best val acc",
-                   "test_accuracy": "test acc", "time_total_s": "time (s)"}
+CONSOLE_COLUMNS = ("algorithm", "teachers", "student", "warmup", "noise", "seed", "task")
+
+
+def console_metrics(trials: list[Trial]) -> dict[str, str]:
+    """The status table's metric columns: each main metric of the trials' tasks (accuracy without a task)."""
+    metrics = {main_metric(t.config.data.task): None for t in trials}
+    short = {m: "acc" if m == "accuracy" else m for m in metrics}
+    return {"step": "step", **{f"{kind}{m}": f"{kind.replace('_', ' ')}{short[m]}" for kind in
+                               ("val_", "best_val_", "test_") for m in metrics}, "time_total_s": "time (s)"}
 
 
 @dataclass
@@ -41,7 +48,8 @@ class SweepResult:
     failed: dict[str, str]
     skipped: list[str]
     replaced: list[str] = field(default_factory=list)  # resumed trials whose earlier run had another config
-    best: tuple[str, str] | None = None  # (trial id, registered model version) of the best student
+    # registered model name -> (trial id, its version) of the best student: one, or one per task
+    best: dict[str, tuple[str, str]] = field(default_factory=dict)
     phases: dict[str, float] = field(default_factory=dict)  # wall seconds: startup, data preparation, training
     runs_view: str = ""  # where the MLflow UI shows the sweep's runs (runs.runs_view)
 
@@ -92,10 +100,21 @@ def run_sweep(plan: Plan, resume: bool = False, verbose: int = 1) -> SweepResult
     pending = [t for t in plan.trials if t.id not in done]
     failed.update(_run_stage(plan, "trials", pending, common, verbose))
     lap("trial_training")
-    best = runs.register_best_student(uri, experiment, parent, plan.spec.name)
+    best = _register_best_students(plan, uri, experiment, parent)
     runs.end_parent(uri, parent, len(failed), phases)
     ran = [t.id for t in [*teachers, *pending] if t.id not in failed]
     return SweepResult(parent, uri, ran, failed, sorted(done), replaced, best, phases, runs.runs_view(uri, parent))
+
+
+def _register_best_students(plan: Plan, uri: str, experiment: str, parent: str) -> dict[str, tuple[str, str]]:
+    tasks = list(dict.fromkeys(t.config.data.task for t in plan.trials))
+    best = {}
+    for task in tasks:
+        name = runs.best_model_name(plan.spec.name, task if len(tasks) > 1 else None)
+        found = runs.register_best_student(uri, experiment, parent, plan.spec.name, task, name)
+        if found:
+            best[name] = found
+    return best
 
 
 def teacher_cached(teacher: Trial) -> bool:
@@ -150,13 +169,13 @@ def _run_stage(plan: Plan, stage: str, trials: list[Trial], common: dict[str, An
     # The trial's axes come along with its id (resolved from it, so the grid stays one value per trial) for the
     # status table's columns. Tune's newer console infers its columns and ignores a reporter; its classic one
     # (RAY_AIR_NEW_OUTPUT=0) shows the columns asked for.
-    columns = {tid: _console_columns(p["tags"]) for tid, p in by_id.items()}
+    columns = {t.id: _console_columns(by_id[t.id]["tags"], t.config.data.task) for t in trials}
     axes = {c: tune.sample_from(partial(_column_of, columns, c)) for c in CONSOLE_COLUMNS}
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     # Ctrl+C stops the sweep (KeyboardInterrupt; the CLI then stops its Ray), not only this stage, after which the
     # driver would carry on with the next stage and count the interrupted trials as run
     os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
-    reporter = tune.CLIReporter(parameter_columns=list(CONSOLE_COLUMNS), metric_columns=CONSOLE_METRICS,
+    reporter = tune.CLIReporter(parameter_columns=list(CONSOLE_COLUMNS), metric_columns=console_metrics(trials),
                                 max_report_frequency=30, print_intermediate_tables=True)
     tuner = tune.Tuner(
         tune.with_resources(tune.with_parameters(tune_trial, params_by_id=by_id), resources),
@@ -176,9 +195,9 @@ def _column_of(columns: dict[str, dict[str, str]], column: str, config: dict[str
     return columns[config["trial_id"]][column]
 
 
-def _console_columns(tags: dict[str, str]) -> dict[str, str]:
+def _console_columns(tags: dict[str, str], task: str | None) -> dict[str, str]:
     """A trial's axes in the status table: its MLflow tags (a teacher's fine-tuning trains that teacher)."""
-    shown = {**tags, "student": tags.get("student") or tags.get("teacher")}
+    shown = {**tags, "student": tags.get("student") or tags.get("teacher"), "task": task}
     return {column: shown.get(column) or "-" for column in CONSOLE_COLUMNS}
 
 

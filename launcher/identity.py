@@ -66,7 +66,8 @@ class TrialIdentity:
         if axes.get("stage") == "teacher":
             name = axes["teacher"]
             return cls("teacher", trial.id, spec.name, "finetune", spec.teachers[name].label or name,
-                       seed=trial.config.seed, workers=trial.workers)
+                       seed=trial.config.seed, workers=trial.workers,
+                       extra=tuple(sorted((k, str(v)) for k, v in axes.items() if k not in ("stage", "teacher"))))
         noiseless = spec.noise.get(axes["noise"], NoiseConfig()) == NoiseConfig()
         return cls("trial", trial.id, spec.name, axes["algorithm"], spec.students[axes["student"]].label or
                    axes["student"], axes.get("teacher_set"), tuple(spec.teachers[t].label or t for t in trial.teachers),
@@ -98,7 +99,8 @@ class TrialIdentity:
         extra = tuple(sorted((k.removeprefix(EXTRA), v) for k, v in tags.items() if k.startswith(EXTRA)))
         if role == "teacher":
             return cls(role, tid, tags.get(SWEEP, ""), tags.get("algorithm", "finetune"),
-                       tags.get("teacher") or tid.removeprefix("teacher__"), seed=seed, workers=workers or 1)
+                       tags.get("teacher") or tid.removeprefix("teacher__").partition("__")[0], seed=seed,
+                       workers=workers or 1, extra=extra or _extra_of_id(tid))
         teachers = tuple(t.strip() for t in tags.get("teachers", "").split(",") if t.strip())
         teacher_set = tags.get("teacher_set", "none")
         return cls(role, tid, tags.get(SWEEP, ""), tags.get("algorithm", ""), tags.get("student", "?"),
@@ -108,14 +110,15 @@ class TrialIdentity:
     def name_parts(self, compact: bool = False) -> list[str]:
         """The run name's parts: algorithm, teachers→student, then what sets the trial apart, seed last; ``compact``
         abbreviates the settings (``w0.5`` for warm-up 0.5, ``alpha=0.9`` for distill.alpha=0.9, ``x2`` workers)."""
+        settings = [f"{key.rpartition('.')[2] if compact else key}={value}" for key, value in self.extra]
         if self.role == "teacher":
-            return ["teacher", self.student]
+            return ["teacher", self.student, *settings]
         parts = [self.algorithm, "+".join(self.teachers) + "→" + self.student if self.teachers else self.student]
         if self.noise != OFF:
             parts.append(self.noise)
         if self.warmup:
             parts.append(("w" if compact else "warm-up ") + _number_text(self.warmup))
-        parts += [f"{key.rpartition('.')[2] if compact else key}={value}" for key, value in self.extra]
+        parts += settings
         if self.workers != 1:
             parts.append(f"x{self.workers}" if compact else f"{self.workers} workers")
         if self.seed is not None:

@@ -4,7 +4,7 @@
 ``metadistil.role`` = ``sweep``), reads its child runs (``metadistil.role`` = ``teacher`` or ``trial``), groups them
 into cells (block, algorithm, teacher set, student, warm-up, noise, plus any grid.extra keys: the identity that
 ``launcher.identity`` reads from the runs' tags) and averages the cells over seeds. It writes ``report.md``,
-``report.csv``, ``report.png`` (accuracy per cell) and ``report_cost.png`` (train time against accuracy) to
+``report.csv``, ``report.png`` (score per cell) and ``report_cost.png`` (train time against score) to
 ``out_dir`` (``launcher.report_render``) and, with ``attach``, logs them to the parent run under ``report/``.
 
 Blocks, in the report's order (empty ones are skipped):
@@ -17,8 +17,10 @@ Blocks, in the report's order (empty ones are skipped):
 6. With Noise (kd or metadistil, warm-up 0, a noise setting other than ``off``);
 7. With Warm-up (kd or metadistil, warm-up > 0).
 
-Accuracy is the test accuracy in percent (mean ± sample std over seeds when a cell has several). A run that did not
-finish (or finished without ``test_accuracy``) is left out of the means and listed under "Failed trials"; a cell whose
+A cell's score is its task's main metric on the test split in percent (accuracy; MCC for CoLA, F1 for MRPC and QQP,
+Pearson for STS-B: ``trainer.tasks``), mean ± sample std over seeds when a cell has several; a sweep over several
+tasks gets a table per task. A run that did not finish (or finished without its ``test_<metric>``) is left out of the
+means and listed under "Failed trials"; a cell whose
 seeds all failed reads ``failed``. When a trial was retried, its latest finished attempt counts and earlier failed
 attempts are not listed.
 
@@ -49,6 +51,7 @@ from launcher.significance import compare_cells, confidence_interval
 from launcher.tracking import client as mlflow_client
 from trainer import registry
 from trainer.logging import redact_uri
+from trainer.tasks import TITLES, main_metric
 
 PARENT_TAG = "mlflow.parentRunId"
 
@@ -67,7 +70,7 @@ class Report:
     sweep: str
     parent_run_id: str
     markdown: str
-    # one per cell: the CSV's columns (accuracy in percent; None where blank), "label", "by_seed" ({seed: accuracy}),
+    # one per cell: the CSV's columns (score in percent; None where blank), "label", "by_seed" ({seed: score}),
     # "baselines" ({comparison: baseline method}) and the comparisons "vs_kd", "vs_one_teacher" (Comparison or None)
     rows: list[dict[str, Any]]
     failed: list[dict[str, str]]  # trial_id, status, error, block, method
@@ -92,7 +95,13 @@ class _Attempt:
     metrics: dict[str, float]
     params: dict[str, str]
     model_ids: list[str]  # the run's logged models (the student)
-    score_key: str = "test_accuracy"  # the metric the report scores the run by
+    score_key: str = "test_accuracy"  # the metric the report scores the run by: its task's main metric
+
+    @property
+    def task(self) -> str | None:
+        """The run's GLUE task (its ``data.task`` param); None for a custom dataset, or a run logged before tasks."""
+        task = self.params.get("data.task")
+        return task if task in TITLES else None
 
     @property
     def ok(self) -> bool:
@@ -112,7 +121,8 @@ class _Cell:
     student: str
     warmup: float
     noise: str
-    extras: tuple[str, ...]
+    extras: tuple[str, ...]  # grid.extra values but the task: "key=value"
+    task: str | None = None
     ok: list[_Attempt] = field(default_factory=list)
     failed: list[_Attempt] = field(default_factory=list)
     method: str = ""  # the table's name of the row, under its block's header
@@ -124,15 +134,15 @@ class _Cell:
 
 
 def build_report(tracking_uri: str, sweep: str, out_dir: Path, experiment: str = "metadistil",
-                 attach: bool = True, metric: str = "test_accuracy", scored: str = TEST,
+                 attach: bool = True, prefix: str = "test_", scored: str = TEST,
                  artifact_dir: str = "report") -> Report:
-    """Read the sweep ``sweep`` from MLflow at ``tracking_uri`` and write its Table 1 to ``out_dir``: by the runs'
-    ``metric``, which ``scored`` describes (``launcher.rescore`` rebuilds it on other data), attached under
-    ``artifact_dir``."""
+    """Read the sweep ``sweep`` from MLflow at ``tracking_uri`` and write its Table 1 to ``out_dir``: each run
+    scored by its metric ``prefix`` + its task's main metric (``test_mcc`` for CoLA), which ``scored`` describes
+    (``launcher.rescore`` rebuilds the table on other data), attached under ``artifact_dir``."""
     client = mlflow_client(tracking_uri)
     parent, attempts = sweep_attempts(client, tracking_uri, sweep, experiment)
     for a in attempts:
-        a.score_key = metric
+        a.score_key = prefix + main_metric(a.task)
 
     cells = _cells(attempts)
     reference = _reference_teacher_params(attempts)
@@ -220,38 +230,42 @@ def _cells(attempts: list[_Attempt]) -> list[_Cell]:
     cells: dict[tuple, _Cell] = {}
     for a in attempts:
         cell = _cell_of(a)
-        key = (cell.block, cell.algorithm, cell.teacher_set, cell.student, cell.warmup, cell.noise, cell.extras)
+        key = (cell.block, cell.algorithm, cell.teacher_set, cell.student, cell.warmup, cell.noise, cell.extras,
+               cell.task)
         cell = cells.setdefault(key, cell)
         (cell.ok if a.ok else cell.failed).append(a)
     ordered = sorted(cells.values(), key=lambda c: (c.block, len(c.teachers), " + ".join(c.teachers).lower(),
                                                     c.student.lower(), c.warmup, c.noise != OFF, c.noise,
-                                                    c.algorithm, c.teacher_set, c.extras))
+                                                    c.algorithm, c.teacher_set, c.extras, c.task or ""))
+    several_tasks = len({c.task for c in ordered}) > 1
     for c in ordered:
         c.method, c.label = _method(c), _label(c)
+        if several_tasks:  # the table has a section per task; the chart, one axis for all
+            c.label = f"{TITLES.get(c.task or '', 'no task')} · {c.label}"
     _disambiguate(ordered)
     return ordered
 
 
 def _cell_of(a: _Attempt) -> _Cell:
     i = a.identity
+    extras = tuple(f"{key}={value}" for key, value in i.extra if key != "data.task")
     if i.role == "teacher":
-        return _Cell(0, "finetune", "", [], i.student, 0.0, OFF, ())
+        return _Cell(0, "finetune", "", [], i.student, 0.0, OFF, extras, a.task)
     algorithm, teacher_set, student, warmup, noise = i.algorithm, i.teacher_set or "none", i.student, i.warmup, i.noise
     # a run without a teachers tag: its set's name stands for its teachers
     distilling = algorithm in registry.distilling()
     teachers = list(i.teachers) or ([teacher_set] if distilling and i.teacher_set else [])
-    extras = tuple(f"{key}={value}" for key, value in i.extra)
     order = blocks()
     if not distilling:  # finetune-like (or no longer registered): no teachers, warm-up or noise
         block = registry.get(algorithm).block if algorithm in registry.names() else BLOCKS[1]
-        return _Cell(order.index(block), algorithm, teacher_set, [], student, warmup, noise, extras)
+        return _Cell(order.index(block), algorithm, teacher_set, [], student, warmup, noise, extras, a.task)
     if warmup > 0:
         block = WARMUP
     elif noise != OFF:
         block = NOISE
     else:
         block = registry.get(algorithm).report_block(len(teachers))
-    return _Cell(order.index(block), algorithm, teacher_set, teachers, student, warmup, noise, extras)
+    return _Cell(order.index(block), algorithm, teacher_set, teachers, student, warmup, noise, extras, a.task)
 
 
 def blocks() -> tuple[str, ...]:
@@ -295,9 +309,9 @@ def _algorithm_name(c: _Cell) -> str:
 
 def _disambiguate(cells: list[_Cell]) -> None:
     """Two cells of a block with the same name (e.g. two teacher sets with the same labels) get the set's name."""
-    seen: dict[tuple[int, str], list[_Cell]] = defaultdict(list)
+    seen: dict[tuple[int, str, str | None], list[_Cell]] = defaultdict(list)
     for c in cells:
-        seen[(c.block, c.method)].append(c)
+        seen[(c.block, c.method, c.task)].append(c)
     for same in seen.values():
         if len(same) > 1:
             for c in same:
@@ -312,8 +326,8 @@ def _epochs(value: float) -> str:
 # ----------------------------------------------------------------------------------------------------------- rows
 
 def _row(c: _Cell, reference: float | None) -> dict[str, Any]:
-    acc = [100.0 * a.metrics[a.score_key] for a in c.ok]
-    interval = confidence_interval(acc)
+    scores = [100.0 * a.metrics[a.score_key] for a in c.ok]
+    interval = confidence_interval(scores)
     params = _common([a.metrics.get("student_params") for a in c.ok] or
                      [a.metrics.get("student_params") for a in c.failed])
     times = None
@@ -331,11 +345,13 @@ def _row(c: _Cell, reference: float | None) -> dict[str, Any]:
         "student": c.student,
         "warmup": c.warmup,
         "noise": c.noise,
-        "n_seeds": len(acc),
-        "accuracy_mean": float(np.mean(acc)) if acc else None,
-        "accuracy_std": float(np.std(acc, ddof=1)) if len(acc) > 1 else None,
-        "accuracy_ci_low": interval[0] if interval else None,
-        "accuracy_ci_high": interval[1] if interval else None,
+        "task": c.task,
+        "metric": main_metric(c.task),
+        "n_seeds": len(scores),
+        "score_mean": float(np.mean(scores)) if scores else None,
+        "score_std": float(np.std(scores, ddof=1)) if len(scores) > 1 else None,
+        "score_ci_low": interval[0] if interval else None,
+        "score_ci_high": interval[1] if interval else None,
         "params": round(params) if params is not None else None,
         "times_smaller": times,
         "train_wall_time_s": _mean([a.metrics.get("train_wall_time_s") for a in c.ok]),

@@ -84,8 +84,8 @@ def rescore_sweep(tracking_uri: str, experiment: str, sweep: str, data: str, col
         raise ConfigError(f"--sweep {sweep}: no student could be scored on {data} ({len(attempts)} teacher and trial "
                           f"runs, {len(finished)} finished)" + _first_reason(skipped))
     slug = metric.removesuffix("_accuracy")
-    report = build_report(tracking_uri, sweep, out_dir / slug, experiment, attach, metric=metric,
-                          scored=f"accuracy on {Path(data).name} ({len(labelled)} examples)",
+    report = build_report(tracking_uri, sweep, out_dir / slug, experiment, attach, prefix=f"{slug}_",
+                          scored=f"on {Path(data).name} ({len(labelled)} examples)",
                           artifact_dir=f"report/{slug}")
     return Rescored(metric, len(labelled), scores, skipped, report)
 

@@ -17,6 +17,7 @@ from launcher.tracking import STUDENT_MODEL, experiment_id, param_values
 from launcher.tracking import client as mlflow_client
 from trainer.config import TrialConfig, flatten
 from trainer.logging import redact_text
+from trainer.tasks import METRIC_NAMES, TITLES, main_metric
 
 
 def git_commit() -> str | None:
@@ -142,33 +143,44 @@ def end_parent(uri: str, parent_id: str, failed: int, phases: dict[str, float]) 
 BEST_ALIAS = "best"  # models:/metadistil-<sweep>@best: the registered version of the best student
 
 
-def register_best_student(uri: str, experiment: str, parent_id: str, sweep: str) -> tuple[str, str] | None:
-    """Register the logged student model of the sweep's best trial (highest validation accuracy; test accuracy stays
-    unseen by the choice) as a version of the registered model ``metadistil-<sweep>``, and point its alias ``best``
-    at that version (``models:/metadistil-<sweep>@best``); return (trial id, version).
+def best_model_name(sweep: str, task: str | None = None) -> str:
+    """The registered model of a sweep's best student: ``metadistil-<sweep>``, one per task (``-<task>``) in a sweep
+    over several tasks, whose scores do not compare across tasks."""
+    return f"metadistil-{sweep}" + (f"-{task}" if task else "")
+
+
+def register_best_student(uri: str, experiment: str, parent_id: str, sweep: str, task: str | None = None,
+                          name: str | None = None) -> tuple[str, str] | None:
+    """Register the logged student model of the sweep's best trial of ``task`` (its ``data.task``; None: trials
+    without a task) by the task's main validation metric (``best_val_accuracy``, ``best_val_mcc``...; test scores
+    stay unseen by the choice) as a version of the registered model ``name`` (default ``best_model_name``), and point
+    its alias ``best`` at that version (``models:/<name>@best``); return (trial id, version).
 
     A resumed sweep whose best trial did not change keeps its version. None when no trial finished with a score, or,
     with a warning, when the best trial's run has no logged student (a run logged before students were models).
     """
     client = mlflow_client(uri)
     exp = experiment_id(client, experiment)
+    name = name or best_model_name(sweep)
+    key = f"best_val_{main_metric(task)}"
     trials = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent_id}' and tags.`{ROLE}` = 'trial' "
                                 "and attributes.status = 'FINISHED'", max_results=10_000)
-    scored = [r for r in trials if "best_val_accuracy" in r.data.metrics]
+    # a param logs None as "None"
+    scored = [r for r in trials if key in r.data.metrics and r.data.params.get("data.task", "None") == str(task)]
     if not scored:
         return None
-    best = max(scored, key=lambda r: (r.data.metrics["best_val_accuracy"], r.data.tags[TRIAL_ID]))
-    name = f"metadistil-{sweep}"
-    client.set_tag(parent_id, "metadistil.best_trial", best.data.tags[TRIAL_ID])
+    best = max(scored, key=lambda r: (r.data.metrics[key], r.data.tags[TRIAL_ID]))
+    client.set_tag(parent_id, "metadistil.best_trial" + ("" if name == best_model_name(sweep) else f".{task}"),
+                   best.data.tags[TRIAL_ID])
     already = client.search_model_versions(f"name = '{name}' and run_id = '{best.info.run_id}'")
-    version = already[0].version if already else _register_student(client, exp, best, name, sweep)
+    version = already[0].version if already else _register_student(client, exp, best, name, sweep, task)
     if version is None:
         return None
     client.set_registered_model_alias(name, BEST_ALIAS, str(version))
     return best.data.tags[TRIAL_ID], str(version)
 
 
-def _register_student(client, exp: str, run, name: str, sweep: str) -> str | None:
+def _register_student(client, exp: str, run, name: str, sweep: str, task: str | None) -> str | None:
     """A new version of ``name`` from the run's newest READY student model, linked to it both ways as
     ``mlflow.register_model`` links them; None, with a warning, when the run has none."""
     from mlflow.entities import LoggedModelStatus
@@ -184,15 +196,16 @@ def _register_student(client, exp: str, run, name: str, sweep: str) -> str | Non
                       f"{name}", stacklevel=3)
         return None
     if not client.search_registered_models(f"name = '{name}'"):
-        client.create_registered_model(name, description=f"Best student of the metadistil sweep {sweep!r}, "
-                                                         "chosen by validation accuracy.")
-    metrics = run.data.metrics
+        client.create_registered_model(name, description=f"Best student of the metadistil sweep {sweep!r}"
+                                       + (f" on {TITLES[task]}" if task else "")
+                                       + f", chosen by validation {METRIC_NAMES[main_metric(task)]}.")
+    metrics, metric = run.data.metrics, main_metric(task)
     # The model's artifact location rather than models:/<model id>, which the SQL registry store looks up on the
     # process's global tracking URI instead of this client's.
     version = client.create_model_version(
         name, source=student.artifact_location, run_id=run_id, model_id=student.model_id,
-        tags={TRIAL_ID: trial, "best_val_accuracy": f"{metrics['best_val_accuracy']:.4f}",
-              "test_accuracy": f"{metrics.get('test_accuracy', float('nan')):.4f}", SWEEP: sweep}).version
+        tags={TRIAL_ID: trial, f"best_val_{metric}": f"{metrics[f'best_val_{metric}']:.4f}",
+              f"test_{metric}": f"{metrics.get(f'test_{metric}', float('nan')):.4f}", SWEEP: sweep}).version
     linked = [*json.loads(student.tags.get(MLFLOW_MODEL_VERSIONS, "[]")), {"name": name, "version": str(version)}]
     client.set_logged_model_tags(student.model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(linked)})
     return str(version)

@@ -91,9 +91,9 @@ def compare_cells(cells: Sequence[Any], rows: list[dict[str, Any]]) -> None:
             _set(row, "vs_kd", kd)
         if len(c.teachers) > 1:
             singles = [index.get(_key(c, algorithm=c.algorithm, teachers=(t,))) for t in c.teachers]
-            finished = [s for s in singles if s is not None and s["accuracy_mean"] is not None]
+            finished = [s for s in singles if s is not None and s["score_mean"] is not None]
             if finished:
-                _set(row, "vs_one_teacher", max(finished, key=lambda s: s["accuracy_mean"]))
+                _set(row, "vs_one_teacher", max(finished, key=lambda s: s["score_mean"]))
 
 
 def _kd_baseline(c: Any, index: dict[tuple, dict[str, Any]]) -> dict[str, Any] | None:
@@ -107,7 +107,7 @@ def _kd_baseline(c: Any, index: dict[tuple, dict[str, Any]]) -> dict[str, Any] |
 def _key(c: Any, **change: Any) -> tuple:
     """A cell's identity without its block, as seen by the comparisons: teachers as a tuple of labels."""
     fields = {"algorithm": c.algorithm, "teachers": tuple(c.teachers), "student": c.student, "warmup": c.warmup,
-              "noise": c.noise, "extras": c.extras}
+              "noise": c.noise, "extras": c.extras, "task": c.task}
     return tuple({**fields, **change}.values())
 
 

@@ -46,6 +46,8 @@ from trainer.overrides import apply_overrides
 from trainer.strict_yaml import read_yaml
 
 AXES = ("algorithm", "teacher_set", "student", "warmup", "noise", "seed", "workers")
+# grid.extra keys that change what a teacher learns: a fine-tuned teacher is trained per value (per task, say)
+TEACHER_DATA = ("data.task", "data.path", "data.name", "data.subset")
 
 
 class _Section(BaseModel):
@@ -207,7 +209,7 @@ class Trial:
 @dataclass
 class Plan:
     spec: SweepSpec
-    teacher_trials: dict[str, Trial]  # teacher name -> its fine-tuning trial (recipes with finetune only)
+    teacher_trials: dict[str, Trial]  # trial id -> a teacher's fine-tuning (recipes with finetune only), per task
     trials: list[Trial]
     dropped: list[tuple[dict[str, Any], str]]  # (combination, reason)
 
@@ -278,8 +280,6 @@ def expand(spec: SweepSpec, base: dict[str, Any]) -> Plan:
     base = apply_overrides(base, [])
     if base.get("data", {}).get("path"):
         base["data"]["path"] = _absolute(base["data"]["path"])
-    teacher_trials = {name: _teacher_trial(name, recipe, base, storage, spec.resources.workers)
-                      for name, recipe in spec.teachers.items() if recipe.finetune}
     g = spec.grid
     # a finetune-only spec needs no teacher set: its one teacher_set value is none
     axes_values: dict[str, list[Any]] = {
@@ -291,7 +291,7 @@ def expand(spec: SweepSpec, base: dict[str, Any]) -> Plan:
     included = [c for c in (item.axes() for item in spec.include) if c not in grid]
     patterns = [item.axes() for item in spec.exclude]
     matched: set[int] = set()
-    trials: dict[str, Trial] = {}
+    kept: list[dict[str, Any]] = []
     dropped: list[tuple[dict[str, Any], str]] = []
     for given, explicit in [(c, False) for c in grid] + [(c, True) for c in included]:
         combo = _normalise({**{axis: values[0] for axis, values in axes_values.items()}, **given}, spec)
@@ -300,7 +300,13 @@ def expand(spec: SweepSpec, base: dict[str, Any]) -> Plan:
         matched.update(hits)
         if hits:
             dropped.append((combo, f"excluded by {patterns[hits[0]]}"))
-            continue
+        else:
+            kept.append(combo)
+    teacher_trials = {t.id: t for t in (_teacher_trial(name, recipe, variant, base, storage, spec.resources.workers)
+                                        for variant in dict.fromkeys(map(_teacher_variant, kept))
+                                        for name, recipe in spec.teachers.items() if recipe.finetune)}
+    trials: dict[str, Trial] = {}
+    for combo in kept:
         _add(trials, _trial(combo, spec, base, teacher_trials))
     warn_unmatched_excludes(patterns, matched)
     if not trials:
@@ -344,7 +350,8 @@ def _trial(combo: dict[str, Any], spec: SweepSpec, base: dict[str, Any], teacher
     raw.update(algorithm=combo["algorithm"], seed=combo["seed"])
     raw["student"] = spec.students[combo["student"]].model_dump(exclude_none=True)
     raw["student"]["name"] = _absolute(raw["student"]["name"])
-    raw["teachers"] = [_teacher_model(name, spec.teachers[name], teacher_trials) for name in members]
+    raw["teachers"] = [_teacher_model(name, spec.teachers[name], teacher_trials, _teacher_variant(combo))
+                       for name in members]
     raw["warmup"] = {"epochs": combo["warmup"]}
     raw["noise"] = spec.noise.get(combo["noise"], NoiseConfig()).model_dump()
     raw = apply_overrides(raw, [f"{k}={json.dumps(v)}" for k, v in combo.items() if k not in AXES])
@@ -356,17 +363,29 @@ def _trial(combo: dict[str, Any], spec: SweepSpec, base: dict[str, Any], teacher
     return Trial(tid, combo, config, members, combo["workers"])
 
 
-def _teacher_model(name: str, recipe: TeacherRecipe, teacher_trials: dict[str, Trial]) -> dict[str, Any]:
+def _teacher_variant(combo: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
+    """The combination's values of grid.extra keys that say which data a teacher learns (TEACHER_DATA): a teacher
+    the sweep fine-tunes is fine-tuned once per variant, e.g. once per GLUE task."""
+    return tuple((k, combo[k]) for k in sorted(combo) if k in TEACHER_DATA)
+
+
+def teacher_trial_id(name: str, variant: tuple[tuple[str, Any], ...] = ()) -> str:
+    return "__".join([f"teacher__{name}", *(f"{k}={v}" for k, v in variant)])
+
+
+def _teacher_model(name: str, recipe: TeacherRecipe, teacher_trials: dict[str, Trial],
+                   variant: tuple[tuple[str, Any], ...]) -> dict[str, Any]:
     source = _absolute(recipe.checkpoint) if recipe.checkpoint else \
-        str(Path(teacher_trials[name].config.output.dir) / "student")
+        str(Path(teacher_trials[teacher_trial_id(name, variant)].config.output.dir) / "student")
     return {k: v for k, v in {"name": source, "tokenizer": recipe.tokenizer, "label": recipe.label or name}.items()
             if v is not None}
 
 
-def _teacher_trial(name: str, recipe: TeacherRecipe, base: dict[str, Any], storage: Path, workers: int) -> Trial:
+def _teacher_trial(name: str, recipe: TeacherRecipe, variant: tuple[tuple[str, Any], ...], base: dict[str, Any],
+                   storage: Path, workers: int) -> Trial:
     ft = recipe.finetune
     assert ft is not None, "expand() passes only recipes with finetune"
-    raw = apply_overrides(base, [])
+    raw = apply_overrides(base, [f"{k}={json.dumps(v)}" for k, v in variant])
     for key in ("teachers", "warmup", "noise", "metadistil", "distill"):
         raw.pop(key, None)
     raw.update(algorithm="finetune", seed=ft.seed,
@@ -378,9 +397,11 @@ def _teacher_trial(name: str, recipe: TeacherRecipe, base: dict[str, Any], stora
     raw.pop("tracking", None)
     raw["output"] = {"dir": str(storage / "teachers" / f"{name}-{digest(raw)}")}
     raw["data"].setdefault("token_cache", token_cache_dir(storage))
-    config = _validated(raw, f"teachers.{name}")
-    _check_workers(config, workers, f"teachers.{name}")
-    return Trial(f"teacher__{name}", {"stage": "teacher", "teacher": name}, config, workers=workers)
+    tid = teacher_trial_id(name, variant)
+    where = " ".join([f"teachers.{name}", *(f"{k}={v}" for k, v in variant)])
+    config = _validated(raw, where)
+    _check_workers(config, workers, where)
+    return Trial(tid, {"stage": "teacher", "teacher": name, **dict(variant)}, config, workers=workers)
 
 
 def token_cache_dir(storage_path: str | Path) -> str:

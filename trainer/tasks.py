@@ -96,11 +96,6 @@ def config_problem(data: Any, defaults: dict[str, Any]) -> tuple[str, str] | Non
     if data.task is None:
         return None
     task = TASKS[data.task]
-    if task.regression:
-        # data, metrics and losses (trainer/losses.py) are ready; the report and the sweep's best-student pick
-        # still read accuracy, which a regression trial does not have
-        return "task", (f"{task.name} is a regression task, which sweeps cannot report yet (Table 1 and the best "
-                        "student read accuracy); choose a classification task")
     changed = [k for k in ("text_column", "text_pair_column", "label_column") if getattr(data, k) != defaults[k]]
     if changed:
         return changed[0], (f"is fixed by data.task {task.name} (columns {', '.join(task.hub.names())} on the hub, "
@@ -112,8 +107,23 @@ def config_problem(data: Any, defaults: dict[str, Any]) -> tuple[str, str] | Non
     return None
 
 
+# how reports name the tasks and metrics (GLUE's spelling)
+TITLES = {"cola": "CoLA", "sst2": "SST-2", "mrpc": "MRPC", "qqp": "QQP", "stsb": "STS-B", "mnli": "MNLI",
+          "qnli": "QNLI", "rte": "RTE", "wnli": "WNLI"}
+METRIC_NAMES = {"accuracy": "accuracy", "mcc": "Matthews correlation", "f1": "F1", "pearson": "Pearson correlation",
+                "spearman": "Spearman correlation"}
+
+
+def main_metric(task: str | None) -> str:
+    """The metric a trial of ``task`` (None: a custom file or dataset, scored by accuracy) is chosen and ranked by."""
+    return TASKS[task].main_metric if task else "accuracy"
+
+
 def read_raw(task: Task, folder: Path) -> dict[str, TextSet]:
-    """train.tsv and, when there, the dev file (the validation split) of a folder in GLUE's raw layout."""
+    """train.tsv and, when there, the dev file (the validation split) of a folder in GLUE's raw layout: the task's
+    own folder, or a ``glue_data`` folder holding it (``CoLA/``, ``STS-B/``: GLUE's names, any case, dashes or not),
+    so one data.path serves every task of a sweep."""
+    folder = _task_folder(task, folder)
     if not folder.is_dir():
         what = "is a file" if folder.exists() else "does not exist"
         raise ConfigError(f"data.path: {str(folder)!r} {what}; data.task {task.name} reads a folder in GLUE's raw "
@@ -123,6 +133,13 @@ def read_raw(task: Task, folder: Path) -> dict[str, TextSet]:
                           f"train.tsv, {task.raw_dev})")
     files = {"train": folder / "train.tsv", "validation": folder / task.raw_dev}
     return {split: _raw_file(task, file) for split, file in files.items() if file.is_file()}
+
+
+def _task_folder(task: Task, folder: Path) -> Path:
+    if (folder / "train.tsv").is_file() or not folder.is_dir():
+        return folder
+    named = [f for f in folder.iterdir() if f.is_dir() and f.name.lower().replace("-", "") == task.name]
+    return named[0] if len(named) == 1 else folder
 
 
 def _raw_file(task: Task, file: Path) -> TextSet:

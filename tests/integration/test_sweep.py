@@ -92,7 +92,7 @@ def test_sweep_runs_resumes_and_caches_teachers(tmp_path, model_dirs, nan_teache
 
     scores = {t: r.data.metrics["best_val_accuracy"] for t, r in by_id.items()
               if r.data.tags[runs.ROLE] == "trial" and r.info.status == "FINISHED"}
-    best_trial, version = first.best
+    (best_trial, version), = first.best.values()
     assert scores[best_trial] == max(scores.values())
     client = MlflowClient(first.tracking_uri)
     registered = client.get_model_version_by_alias("metadistil-alpha", runs.BEST_ALIAS)

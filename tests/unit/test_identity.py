@@ -56,7 +56,7 @@ def test_the_drivers_tags_read_back_as_the_planned_identity(tmp_path):
         "kd · Big→Small · warm-up 0.5 · distill.alpha=0.5 · s1"
     clean = TrialIdentity.from_tags(trial_tags(plan, next(t for t in plan.trials if "__clean__" in t.id)))
     assert clean.noise == "off", "a setting without noise reads 'off', whatever the spec calls it"
-    teacher = trial_tags(plan, plan.teacher_trials["big"])
+    teacher = trial_tags(plan, plan.teacher_trials["teacher__big"])
     assert (teacher["metadistil.role"], teacher["teacher"], teacher[RUN_NAME]) == ("teacher", "Big", "teacher · Big")
     wide = trial_tags(plan, next(t for t in plan.trials if t.workers == 2))
     assert wide["workers"] == "2" and "2 workers" in wide[RUN_NAME]

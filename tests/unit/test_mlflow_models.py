@@ -37,10 +37,12 @@ def store(root: Path) -> str:
     return uri
 
 
-def log_trial(uri: str, parent: str, trial: str, accuracy: float, student: str | None) -> str:
+def log_trial(uri: str, parent: str, trial: str, accuracy: float, student: str | None, task: str | None = None,
+              metric: str = "accuracy") -> str:
     logger = MLflowLogger(uri, "metadistil", run_name=trial, parent_run_id=parent,
                           tags={runs.ROLE: "trial", runs.TRIAL_ID: trial})
-    logger.log_metrics({"best_val_accuracy": accuracy, "test_accuracy": 0.5}, step=10)
+    logger.log_params({"data.task": task})
+    logger.log_metrics({f"best_val_{metric}": accuracy, f"test_{metric}": 0.5}, step=10)
     if student:
         logger.log_student(Path(student))
     logger.finish("FINISHED")
@@ -133,6 +135,26 @@ def test_a_best_trial_without_a_logged_student_registers_nothing_and_says_so(swe
     run_id = log_trial(sweep.uri, parent, "logged-before-models", 0.9, student=None)
     with pytest.warns(UserWarning, match=f"best trial logged-before-models: its run {run_id} has no logged student"):
         assert runs.register_best_student(sweep.uri, "metadistil", parent, "old") is None
+
+
+def test_a_sweep_over_tasks_registers_each_tasks_best_by_its_main_metric(sweep, model_dirs):
+    from mlflow.tracking import MlflowClient
+
+    parent = runs.parent_run(sweep.uri, "metadistil", "glue", "hash", resume=False)
+    log_trial(sweep.uri, parent, "cola-low", 0.2, model_dirs["bert4"], "cola", "mcc")
+    cola = log_trial(sweep.uri, parent, "cola-high", 0.3, model_dirs["bert"], "cola", "mcc")
+    stsb = log_trial(sweep.uri, parent, "stsb-only", 0.1, model_dirs["bert"], "stsb", "pearson")
+    assert runs.register_best_student(sweep.uri, "metadistil", parent, "glue", "cola",
+                                      runs.best_model_name("glue", "cola")) == ("cola-high", "1")
+    assert runs.register_best_student(sweep.uri, "metadistil", parent, "glue", "stsb",
+                                      runs.best_model_name("glue", "stsb")) == ("stsb-only", "1")
+    assert runs.register_best_student(sweep.uri, "metadistil", parent, "glue", "rte") is None
+    client = MlflowClient(sweep.uri)
+    version = client.get_model_version_by_alias("metadistil-glue-cola", "best")
+    assert version.run_id == cola and version.tags["best_val_mcc"] == "0.3000"
+    assert client.get_model_version_by_alias("metadistil-glue-stsb", "best").run_id == stsb
+    assert "validation Pearson correlation" in client.get_registered_model("metadistil-glue-stsb").description
+    assert client.get_run(parent).data.tags["metadistil.best_trial.cola"] == "cola-high"
 
 
 @pytest.fixture(scope="module")

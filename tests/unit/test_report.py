@@ -53,14 +53,15 @@ class _Store:
         self.experiment = self.client.create_experiment("metadistil", (tmp_path / "artifacts").as_uri())
         self.clock = itertools.count(1_700_000_000_000, 1000)
 
-    def run(self, tags, metrics=None, status="FINISHED", error=None, parent=None):
-        from mlflow.entities import Metric, RunTag
+    def run(self, tags, metrics=None, status="FINISHED", error=None, parent=None, params=None):
+        from mlflow.entities import Metric, Param, RunTag
 
         if parent:
             tags = {**tags, "mlflow.parentRunId": parent}
         run_id = self.client.create_run(self.experiment, start_time=next(self.clock), tags=tags).info.run_id
         self.client.log_batch(run_id, metrics=[Metric(k, float(v), 0, 0) for k, v in (metrics or {}).items()],
-                              tags=[RunTag("error", error)] if error else [])
+                              tags=[RunTag("error", error)] if error else [],
+                              params=[Param(k, v) for k, v in (params or {}).items()])
         self.client.set_terminated(run_id, status)
         return run_id
 
@@ -212,8 +213,8 @@ def test_csv_rows(report, sweep):
     r = by[(BLOCKS[2], "RoBERTa DistilBERT")]
     assert (r["algorithm"], r["teachers"], r["student"], r["noise"], r["n_seeds"], r["failed_seeds"]) == \
         ("kd", "RoBERTa", "DistilBERT", "off", "2", "1")
-    assert float(r["accuracy_mean"]) == pytest.approx(pct.mean(), abs=1e-9)
-    assert float(r["accuracy_std"]) == pytest.approx(pct.std(ddof=1), abs=1e-9)
+    assert float(r["score_mean"]) == pytest.approx(pct.mean(), abs=1e-9)
+    assert float(r["score_std"]) == pytest.approx(pct.std(ddof=1), abs=1e-9)
     assert int(r["params"]) == DISTILBERT
     assert float(r["times_smaller"]) == pytest.approx(PARAMS["RoBERTa"] / DISTILBERT)
 
@@ -222,10 +223,10 @@ def test_csv_rows(report, sweep):
     r = by[(BLOCKS[1], "TinyBERT")]
     assert float(r["times_smaller"]) == pytest.approx((PARAMS["BERT"] + PARAMS["RoBERTa"]) / 2 / TINYBERT)
     r = by[("Teachers", "BERT2")]
-    assert (r["algorithm"], r["accuracy_std"], r["times_smaller"], r["params"]) == ("teacher", "", "", "109483778")
-    assert float(r["accuracy_mean"]) == pytest.approx(94.1)
+    assert (r["algorithm"], r["score_std"], r["times_smaller"], r["params"]) == ("teacher", "", "", "109483778")
+    assert float(r["score_mean"]) == pytest.approx(94.1)
     r = by[(BLOCKS[3], "RoBERTa TinyBERT")]
-    assert (r["n_seeds"], r["failed_seeds"], r["accuracy_mean"]) == ("0", "1", "")
+    assert (r["n_seeds"], r["failed_seeds"], r["score_mean"]) == ("0", "1", "")
 
 
 def test_png_and_artifacts_on_the_parent(report, sweep):
@@ -246,7 +247,7 @@ def test_png_and_artifacts_on_the_parent(report, sweep):
 
 def test_other_sweep_without_attach(sweep, tmp_path):
     other = build_report(sweep["store"].uri, "other", tmp_path, attach=False)
-    assert [(r["method"], r["accuracy_mean"], r["params"]) for r in other.rows] == [("OtherStudent", 75.0, 1000)]
+    assert [(r["method"], r["score_mean"], r["params"]) for r in other.rows] == [("OtherStudent", 75.0, 1000)]
     assert other.attached == [] and sweep["store"].client.list_artifacts(sweep["other"]) == []
     assert "Seeds" not in other.markdown and "Failed trials" not in other.markdown
     assert other.csv_path.is_file() and other.png_path.is_file()
@@ -267,7 +268,7 @@ def test_chart_labels_name_the_algorithm(report):
 
     ax = chart(SWEEP, report.rows).axes[0]
     labels = [t.get_text() for t in ax.get_yticklabels()]
-    finished = [r for r in report.rows if r["accuracy_mean"] is not None]
+    finished = [r for r in report.rows if r["score_mean"] is not None]
     assert len(labels) == len(finished) == len(set(labels)) == 15  # the RoBERTa TinyBERT cell failed
     assert {"KD: BERT → DistilBERT", "MetaDistil: BERT → DistilBERT", "Teacher: BERT", "Fine-tune: TinyBERT",
             "KD: BERT + RoBERTa → DistilBERT", "MetaDistil: BERT + BERT2 → DistilBERT",
@@ -346,8 +347,8 @@ def test_confidence_interval_per_cell(report, sweep):
     pct = 100 * np.array(sweep["logged"][("finetune", "none", "DistilBERT", "0", "off")])
     half = stats.t.ppf(0.975, df=2) * pct.std(ddof=1) / np.sqrt(3)
     row = _csv_by_method(report)[(BLOCKS[1], "DistilBERT")]
-    assert float(row["accuracy_ci_low"]) == pytest.approx(pct.mean() - half)
-    assert float(row["accuracy_ci_high"]) == pytest.approx(pct.mean() + half)
+    assert float(row["score_ci_low"]) == pytest.approx(pct.mean() - half)
+    assert float(row["score_ci_high"]) == pytest.approx(pct.mean() + half)
     assert _table(report.markdown, ("95% CI",))[(BLOCKS[1], "DistilBERT")] == [
         f"[{pct.mean() - half:.2f}, {pct.mean() + half:.2f}]"]
     assert _table(report.markdown, ("95% CI",))[(BLOCKS[2], "BERT DistilBERT")][0].startswith("[")
@@ -413,7 +414,7 @@ def test_cost_columns_and_cost_chart(report, sweep, tmp_path):
         image.verify()
     ax = cost_chart(SWEEP, report.rows).axes[0]
     points = np.concatenate([c.get_offsets() for c in ax.collections])
-    timed = [r for r in report.rows if r["accuracy_mean"] is not None and r["train_wall_time_s"]]
+    timed = [r for r in report.rows if r["score_mean"] is not None and r["train_wall_time_s"]]
     assert len(points) == len(timed) == 12  # the teachers logged no train time
     assert ax.get_xscale() == "log" and "MetaDistil: BERT → DistilBERT" in {t.get_text() for t in ax.texts}
 
@@ -443,3 +444,43 @@ def test_a_registered_algorithm_gets_its_block_label_and_kd_comparison(tmp_path,
     toy = next(r for r in got.rows if r["algorithm"] == "toy_kd")
     assert toy["label"] == "Toy KD: BERT → Small" and toy["baselines"] == {"vs_kd": "BERT Small"}
     assert toy["vs_kd"].diff_mean == pytest.approx(5.5) and toy["vs_kd"].seeds == (1, 2)
+
+
+def test_a_sweep_over_tasks_gets_a_table_per_task_scored_by_its_main_metric(tmp_path):
+    store = _Store(tmp_path)
+    parent = store.parent("glue")
+    # each task's own metric; the other metrics are logged with values the report must not read
+    scores = {"cola": ("mcc", {"finetune": [0.10, 0.14, 0.12], "kd": [0.20, 0.21, 0.25],
+                               "metadistil": [0.22, 0.26, 0.27]}),
+              "stsb": ("pearson", {"finetune": [0.50, 0.52, 0.54], "kd": [0.60, 0.61, 0.59],
+                                   "metadistil": [0.58, 0.60, 0.57]})}
+    for task, (metric, by_algorithm) in scores.items():
+        store.run({"metadistil.role": "teacher", "metadistil.trial_id": f"teacher__minilm__data.task={task}",
+                   "teacher": "MiniLM", "algorithm": "finetune", "seed": "42", "grid.data.task": task},
+                  {f"test_{metric}": 0.8, "test_accuracy": 0.01, "student_params": 1000}, parent=parent,
+                  params={"data.task": task})
+        for algorithm, values in by_algorithm.items():
+            for seed, value in enumerate(values, start=1):
+                tset = "none" if algorithm == "finetune" else "minilm"
+                store.run({"metadistil.role": "trial", "grid.data.task": task, "algorithm": algorithm,
+                           "metadistil.trial_id": f"{algorithm}__{tset}__l2__w0__off__s{seed}__data.task={task}",
+                           "teacher_set": tset, "teachers": "" if tset == "none" else "MiniLM", "student": "L2",
+                           "warmup": "0", "noise": "off", "seed": str(seed)},
+                          {f"test_{metric}": value, "test_accuracy": 0.99, "student_params": 100}, parent=parent,
+                          params={"data.task": task})
+    report = build_report(store.uri, "glue", tmp_path / "report", attach=False)
+    text = report.markdown
+    cola, stsb = text.split("## CoLA: test Matthews correlation\n")[1].split("## STS-B: test Pearson correlation\n")
+    assert "| Methods | MCC |" in cola and "| Methods | Pearson |" in stsb
+    assert "| MiniLM L2 | 22.00 ± 2.65 |" in cola and "| MiniLM L2 | 25.00 ± 2.65 |" in cola  # KD, MetaDistil
+    assert "| L2 | 52.00 ± 2.00 |" in stsb and "| MiniLM L2 | 60.00 ± 1.00 |" in stsb  # fine-tuned, KD
+    assert "| MiniLM | 80.00 |" in cola and "data.task" not in text
+    assert "MCC / Pearson: test Matthews correlation / Pearson correlation in percent (correlations × 100)" in text
+    with report.csv_path.open() as fh:
+        rows = {(r["task"], r["algorithm"]): r for r in csv.DictReader(fh)}
+    assert rows[("cola", "metadistil")]["metric"] == "mcc"
+    assert float(rows[("stsb", "finetune")]["score_mean"]) == pytest.approx(52.0)
+    # Δ vs KD pairs within the task: metadistil − kd, per seed
+    assert float(rows[("cola", "metadistil")]["vs_kd_diff"]) == pytest.approx(3.0)
+    assert float(rows[("stsb", "metadistil")]["vs_kd_diff"]) == pytest.approx(-5 / 3)
+    assert {r["label"].split(" · ")[0] for r in report.rows} == {"CoLA", "STS-B"}

@@ -54,9 +54,9 @@ def test_counts_and_rules(tmp_path):
     assert two.config.teachers[1].name.endswith("/student") and "teachers/bert2-" in two.config.teachers[1].name
     noisy = next(t for t in plan.trials if t.axes["noise"] == "noisy")
     assert noisy.config.noise.teacher.p == 0.1 and noisy.config.noise.student.p == 0.1
-    assert set(plan.teacher_trials) == {"bert2"}
-    assert plan.teacher_trials["bert2"].config.data.train_subset_seed == 3
-    assert plan.teacher_trials["bert2"].config.algorithm == "finetune"
+    assert set(plan.teacher_trials) == {"teacher__bert2"}
+    assert plan.teacher_trials["teacher__bert2"].config.data.train_subset_seed == 3
+    assert plan.teacher_trials["teacher__bert2"].config.algorithm == "finetune"
 
 
 def test_exclude_include_and_extra_axes(tmp_path):
@@ -73,11 +73,11 @@ def test_exclude_include_and_extra_axes(tmp_path):
 
 
 def test_teacher_cache_key_follows_the_recipe(tmp_path):
-    a = plan_of(tmp_path).teacher_trials["bert2"].config.output.dir
+    a = plan_of(tmp_path).teacher_trials["teacher__bert2"].config.output.dir
     changed = {**SPEC, "teachers": {**SPEC["teachers"], "bert2": {"finetune": {
         "model": "bert-base-uncased", "train_subset_seed": 4}}}}
-    b = plan_of(tmp_path, changed).teacher_trials["bert2"].config.output.dir
-    assert a == plan_of(tmp_path).teacher_trials["bert2"].config.output.dir
+    b = plan_of(tmp_path, changed).teacher_trials["teacher__bert2"].config.output.dir
+    assert a == plan_of(tmp_path).teacher_trials["teacher__bert2"].config.output.dir
     assert a != b
 
 
@@ -182,3 +182,27 @@ def test_multi_worker_trials_are_checked_before_running(tmp_path, base, message)
                                                               "student": ["distil"], "workers": [2]}}
     with pytest.raises(ConfigError, match=message):
         plan_of(tmp_path, spec)
+
+
+def test_a_task_axis_fine_tunes_each_teacher_once_per_task(tmp_path):
+    from launcher.identity import TrialIdentity
+
+    glue = tmp_path / "glue"
+    data = {"path": str(glue), "train_size": 20, "quiz_size": 4, "validation_size": 4, "test_size": 4}
+    spec = {**SPEC, "base": {"optim": {"batch_size": 4}, "data": data},
+            "grid": {"algorithm": ["finetune", "kd"], "teacher_set": ["bert+bert2"], "student": ["distil"],
+                     "seed": [1], "extra": {"data.task": ["cola", "stsb"]}}}
+    plan = plan_of(tmp_path, spec)
+    assert set(plan.teacher_trials) == {"teacher__bert2__data.task=cola", "teacher__bert2__data.task=stsb"}
+    for task in ("cola", "stsb"):
+        teacher = plan.teacher_trials[f"teacher__bert2__data.task={task}"]
+        assert teacher.config.data.task == task and teacher.config.data.train_subset_seed == 3
+        kd = next(t for t in plan.trials if t.axes["algorithm"] == "kd" and t.axes["data.task"] == task)
+        assert kd.config.data.task == task
+        assert kd.config.teachers[1].name == f"{teacher.config.output.dir}/student"
+        identity = TrialIdentity.of_trial(plan, teacher)
+        assert identity.extra == (("data.task", task),) and TrialIdentity.from_tags(identity.to_tags()) == identity
+    cola, stsb = (plan.teacher_trials[f"teacher__bert2__data.task={t}"].config.output.dir for t in ("cola", "stsb"))
+    assert cola != stsb
+    assert {t.id for t in plan.trials} == {f"{a}__{s}__distil__w0__clean__s1__data.task={t}" for t in ("cola", "stsb")
+                                           for a, s in (("finetune", "none"), ("kd", "bert+bert2"))}

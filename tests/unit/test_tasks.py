@@ -11,7 +11,7 @@ import pytest
 
 from trainer.config import ConfigError, DataConfig, parse_config
 from trainer.data import all_texts, has_pairs, load_raw, load_splits
-from trainer.tasks import TASKS, TaskName
+from trainer.tasks import METRIC_NAMES, TASKS, TITLES, TaskName, main_metric
 
 GLUE = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "glue"
 
@@ -53,12 +53,6 @@ def task_data(task: str, folder: Path, **sizes) -> DataConfig:
     return DataConfig(task=task, path=str(folder), **{"train_size": 20, "quiz_size": 5, "test_size": 5, **sizes})
 
 
-def unchecked(task: str, folder: Path, **sizes) -> DataConfig:
-    """A data config of a task the config refuses for now (stsb: sweeps cannot report it); the data side is ready."""
-    checked = DataConfig(path=str(folder), **{"train_size": 20, "quiz_size": 5, "test_size": 5, **sizes})
-    return DataConfig.model_construct(**{**checked.model_dump(), "task": task, "subset": task})
-
-
 def test_the_task_names_are_the_table():
     assert set(get_args(TaskName)) == set(TASKS)
     assert {t: TASKS[t].main_metric for t in ("cola", "mrpc", "qqp", "stsb", "rte")} == \
@@ -89,7 +83,7 @@ def test_rte_string_labels_become_the_hub_class_indices(tmp_path):
 
 
 def test_stsb_scores_are_float_labels_of_one_output(tmp_path):
-    data = unchecked("stsb", stsb(tmp_path))
+    data = task_data("stsb", stsb(tmp_path))
     splits = load_splits(data, seed=0)
     assert splits.num_labels == 1 and splits.metrics == ("pearson", "spearman")
     assert splits.train.regression and splits.test.regression
@@ -190,7 +184,7 @@ def test_a_class_label_on_the_regression_task_is_refused(tmp_path):
     folder = stsb(tmp_path)
     text = (folder / "train.tsv").read_text().replace("\t0.800\n", "\tentailment\n", 1)
     (folder / "train.tsv").write_text(text)
-    data = unchecked("stsb", folder)
+    data = task_data("stsb", folder)
     with pytest.raises(ConfigError, match=r"^data\.task: stsb is a regression task \(a number in column 'score'\); "
                                           r"line 3 of .*train\.tsv has 'entailment'$"):
         load_raw(data)
@@ -203,7 +197,6 @@ def test_a_folder_without_train_tsv_names_the_layout(tmp_path):
 
 
 @pytest.mark.parametrize("data, message", [
-    ({"task": "stsb"}, r"data\.task: stsb is a regression task, which sweeps cannot report yet"),
     ({"task": "mrpc", "text_column": "#1 String"}, (r"data\.text_column: is fixed by data\.task mrpc \(columns "
      r"sentence1, sentence2, label on the hub, #1 String, #2 String, Quality in raw GLUE files\); remove it")),
     ({"task": "rte", "text_pair_column": "b"}, r"data\.text_pair_column: is fixed by data\.task rte"),
@@ -239,7 +232,7 @@ def test_custom_files_read_pairs_through_text_pair_column(tmp_path):
     ("cola", 8051, 1043, {0: 322, 1: 721}), ("mrpc", 3367, 408, {0: 129, 1: 279}),
     ("rte", 2290, 277, {0: 146, 1: 131}), ("stsb", 5449, 1500, None)])
 def test_real_glue_files(task, train, dev, dev_labels):
-    raw = load_raw(unchecked(task, GLUE / task))
+    raw = load_raw(task_data(task, GLUE / task))
     assert (len(raw["train"]), len(raw["validation"])) == (train, dev)
     if dev_labels:
         labels = raw["validation"].labels
@@ -247,3 +240,20 @@ def test_real_glue_files(task, train, dev, dev_labels):
     else:
         assert 0 <= min(raw["validation"].labels) < max(raw["validation"].labels) <= 5
     assert (raw["train"].pairs is not None) == (task != "cola")
+
+
+def test_a_glue_data_folder_serves_every_task_by_glue_names(tmp_path):
+    cola(tmp_path / "CoLA")
+    stsb(tmp_path / "STS-B")
+    assert load_raw(task_data("cola", tmp_path))["train"].pairs is None
+    scores = load_raw(task_data("stsb", tmp_path))["train"]
+    assert scores.pairs is not None and scores.regression
+    with pytest.raises(ConfigError, match=r"^data\.path: no train\.tsv in .* \(data\.task rte reads GLUE's raw "
+                                          r"layout: train\.tsv, dev\.tsv\)$"):
+        load_raw(task_data("rte", tmp_path))
+
+
+def test_the_main_metric_of_no_task_is_accuracy():
+    assert [main_metric(t) for t in (None, "cola", "stsb", "mrpc", "sst2")] == \
+        ["accuracy", "mcc", "pearson", "f1", "accuracy"]
+    assert set(METRIC_NAMES) == {m for t in TASKS.values() for m in t.metrics} and set(TITLES) == set(TASKS)
