@@ -101,13 +101,15 @@ def format_plan(plan) -> str:
     for t in plan.teacher_trials.values():
         state = "cached" if teacher_cached(t) else "to fine-tune"
         lines.append(f"  teacher  {t.id:<40} {t.config.student.name} -> {t.config.output.dir} ({state})")
+    extra = list(plan.spec.grid.extra)  # grid.extra keys: a column each, headed by the key's last part
     header = (f"  {'#':>3} {'algorithm':<10} {'teachers':<22} {'student':<12} {'warmup':>6} {'noise':<10} "
-              f"{'seed':>5} {'workers':>7}")
-    lines.append(header)
+              f"{'seed':>5} {'workers':>7}" + "".join(f" {k.rpartition('.')[2]:<10}" for k in extra))
+    lines.append(header.rstrip())
     for i, t in enumerate(plan.trials):
         a = t.axes
-        lines.append(f"  {i:>3} {a['algorithm']:<10} {'+'.join(t.teachers) or '-':<22} {a['student']:<12} "
-                     f"{a['warmup']:>6g} {a['noise']:<10} {a['seed']:>5} {t.workers:>7}")
+        lines.append((f"  {i:>3} {a['algorithm']:<10} {'+'.join(t.teachers) or '-':<22} {a['student']:<12} "
+                      f"{a['warmup']:>6g} {a['noise']:<10} {a['seed']:>5} {t.workers:>7}"
+                      + "".join(f" {a.get(k, '-')!s:<10}" for k in extra)).rstrip())
     reasons = Counter(reason for _, reason in plan.dropped)
     lines += [f"  dropped {n} combination(s) {reason}" for reason, n in sorted(reasons.items())]
     return "\n".join(lines)

@@ -10,6 +10,7 @@ where fewer than two seeds pair up.
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -83,10 +84,13 @@ def compare_cells(cells: Sequence[Any], rows: list[dict[str, Any]]) -> None:
     comparisons: with its KD baseline (KD with the same teachers, student, warm-up and noise; else clean KD without
     warm-up) and, for several teachers, with the best single-teacher row of its teachers."""
     index = {_key(c): r for c, r in zip(cells, rows)}
+    any_extras: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for c, r in zip(cells, rows):
+        any_extras[_key(c, extras=None)].append(r)
     for c, row in zip(cells, rows):
         if not c.distills:
             continue
-        kd = _kd_baseline(c, index)
+        kd = _kd_baseline(c, index, any_extras)
         if kd is not None:
             _set(row, "vs_kd", kd)
         if len(c.teachers) > 1:
@@ -96,12 +100,20 @@ def compare_cells(cells: Sequence[Any], rows: list[dict[str, Any]]) -> None:
                 _set(row, "vs_one_teacher", max(finished, key=lambda s: s["score_mean"]))
 
 
-def _kd_baseline(c: Any, index: dict[tuple, dict[str, Any]]) -> dict[str, Any] | None:
+def _kd_baseline(c: Any, index: dict[tuple, dict[str, Any]],
+                 any_extras: dict[tuple, list[dict[str, Any]]]) -> dict[str, Any] | None:
     same = index.get(_key(c, algorithm=BASELINE))
     if c.algorithm != BASELINE and same is not None:
         return same
     clean = _key(c, algorithm=BASELINE, warmup=0.0, noise=OFF)
-    return index.get(clean) if clean != _key(c) else None
+    if clean == _key(c):
+        return None
+    if clean in index:
+        return index[clean]
+    # a setting KD has no cell of (MetaDistil's hidden-state term, say): the one clean KD cell of these teachers,
+    # student and task, whatever its grid.extra values
+    others = any_extras.get(_key(c, algorithm=BASELINE, warmup=0.0, noise=OFF, extras=None), [])
+    return others[0] if len(others) == 1 else None
 
 
 def _key(c: Any, **change: Any) -> tuple:

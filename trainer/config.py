@@ -41,7 +41,9 @@ class DataConfig(_Section):
     text_pair_column: str | None = Field(None, description="Column holding the second text of a sentence pair "
                                          "(every tokenizer reads the two as a pair); null for single texts.")
     label_column: str = Field("label", description="Column holding integer class labels 0..num_labels-1.")
-    train_size: int = Field(30_000, ge=1, description="Training examples drawn from the train split.")
+    train_size: int | None = Field(30_000, ge=1, description="Training examples drawn from the train split; null "
+                                   "takes every example left after test, quiz and carved validation (GLUE tasks "
+                                   "of every size in one sweep).")
     quiz_size: int = Field(100, ge=1, description="Held-out quiz examples (MetaDistil's meta objective), drawn from "
                            "the train split, disjoint from train and test.")
     validation_size: int | None = Field(None, ge=1, description="Validation examples; null keeps the whole split. "
@@ -72,6 +74,8 @@ class DataConfig(_Section):
 
     @model_validator(mode="after")
     def _task_fixes_columns(self) -> DataConfig:
+        if self.train_size is None and self.path is None and self.name == "synthetic":
+            raise ConfigKeyError("train_size", "synthetic data has no size of its own; give a number")
         problem = config_problem(self, {k: f.default for k, f in DataConfig.model_fields.items()})
         if problem:
             raise ConfigKeyError(*problem)
@@ -108,7 +112,8 @@ class StudentConfig(ModelConfig):
 class HiddenConfig(_Section):
     beta: float = Field(100.0, ge=0, description="Weight of the hidden-state term: beta * MSE between the "
                         "L2-normalised [CLS] states of the mapped layers (mean over layers, examples and hidden "
-                        "units, as in the official MetaDistil/PKD code, whose value 100 this is).")
+                        "units, as in the official MetaDistil/PKD code, whose value 100 this is). 0 turns the term "
+                        "off, so that a sweep can vary it: grid.extra {distill.hidden.beta: [0, 100]}.")
     layers: Literal["auto"] | list[tuple[int, int]] = Field(
         "auto", description="Which layers are compared: [student_layer, teacher_layer] pairs, numbered 1.. over the "
         "encoder layers (0 would be the embeddings), the same for every teacher; 'auto' maps student layer i of S "
@@ -136,6 +141,12 @@ class DistillConfig(_Section):
                                         "inside MetaDistil's meta-gradient too; the teachers' [CLS] states are "
                                         "averaged (they must share a hidden size), and a linear projection trained "
                                         "with the student maps a student of another size to theirs. null = off.")
+
+    @field_validator("hidden")
+    @classmethod
+    def _beta_zero_is_off(cls, hidden: HiddenConfig | None) -> HiddenConfig | None:
+        # a zero-weight term would still cost the hidden states' compute and switch shared teacher logits off
+        return None if hidden is not None and hidden.beta == 0 else hidden
 
 
 class MetaDistilConfig(_Section):
@@ -271,7 +282,7 @@ class TrialConfig(_Section):
                                  "(without DeepSpeed the trainer runs in fp32)")
         if self.deepspeed.precision == "fp16" and self.device == "cpu":
             raise ConfigKeyError("deepspeed.precision", "fp16 is not supported on CPU; use fp32 or bf16")
-        if self.optim.batch_size > self.data.train_size:
+        if self.data.train_size is not None and self.optim.batch_size > self.data.train_size:
             raise ConfigKeyError("optim.batch_size", f"{self.optim.batch_size} exceeds data.train_size="
                                  f"{self.data.train_size}: a batch cannot hold more examples than the training set; "
                                  "lower it")

@@ -92,7 +92,8 @@ def _label_count(labelled: dict[str, TextSet], source_name: str) -> int:
 def _check_sizes(cfg: DataConfig, raw: dict[str, TextSet], carved_test: int, carved_validation: int,
                  source_name: str) -> None:
     """A split asked larger than the data used to come out smaller without a word (validation, a test file)."""
-    carved = [("data.train_size", cfg.train_size), ("data.quiz_size", cfg.quiz_size)]
+    # a null train_size takes what is left, at least one example
+    carved = [("data.train_size", cfg.train_size or 1), ("data.quiz_size", cfg.quiz_size)]
     carved += [("data.test_size", carved_test)] if carved_test else []
     carved += [("data.validation_size", carved_validation)] if carved_validation else []
     needed = sum(size for _, size in carved)
@@ -129,7 +130,8 @@ def load_raw(cfg: DataConfig) -> dict[str, TextSet]:
         return {split: read_labelled(file, cfg.text_column, cfg.label_column, pair_column=cfg.text_pair_column)
                 for split, file in _local_files(Path(cfg.path)).items()}
     if cfg.name == "synthetic":
-        return synthetic_sentiment(cfg.train_size + cfg.quiz_size + cfg.test_size, cfg.validation_size or 872)
+        # DataConfig refuses a null train_size for synthetic data
+        return synthetic_sentiment((cfg.train_size or 0) + cfg.quiz_size + cfg.test_size, cfg.validation_size or 872)
     import datasets
 
     subset = task.name if task else cfg.subset  # GLUE's hub subsets are named after the tasks

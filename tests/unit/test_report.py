@@ -463,21 +463,34 @@ def test_a_sweep_over_tasks_gets_a_table_per_task_scored_by_its_main_metric(tmp_
             for seed, value in enumerate(values, start=1):
                 tset = "none" if algorithm == "finetune" else "minilm"
                 store.run({"metadistil.role": "trial", "grid.data.task": task, "algorithm": algorithm,
+                           "grid.distill.hidden.beta": "0",
                            "metadistil.trial_id": f"{algorithm}__{tset}__l2__w0__off__s{seed}__data.task={task}",
                            "teacher_set": tset, "teachers": "" if tset == "none" else "MiniLM", "student": "L2",
                            "warmup": "0", "noise": "off", "seed": str(seed)},
                           {f"test_{metric}": value, "test_accuracy": 0.99, "student_params": 100}, parent=parent,
                           params={"data.task": task})
+    for seed, value in enumerate([0.30, 0.31, 0.29], start=1):  # MetaDistil + hidden states: KD has no such cell
+        store.run({"metadistil.role": "trial", "grid.data.task": "cola", "algorithm": "metadistil",
+                   "grid.distill.hidden.beta": "100", "metadistil.trial_id": f"md-hidden-{seed}",
+                   "teacher_set": "minilm", "teachers": "MiniLM", "student": "L2", "warmup": "0", "noise": "off",
+                   "seed": str(seed)}, {"test_mcc": value, "student_params": 100}, parent=parent,
+                  params={"data.task": "cola"})
     report = build_report(store.uri, "glue", tmp_path / "report", attach=False)
     text = report.markdown
     cola, stsb = text.split("## CoLA: test Matthews correlation\n")[1].split("## STS-B: test Pearson correlation\n")
     assert "| Methods | MCC |" in cola and "| Methods | Pearson |" in stsb
-    assert "| MiniLM L2 | 22.00 ± 2.65 |" in cola and "| MiniLM L2 | 25.00 ± 2.65 |" in cola  # KD, MetaDistil
-    assert "| L2 | 52.00 ± 2.00 |" in stsb and "| MiniLM L2 | 60.00 ± 1.00 |" in stsb  # fine-tuned, KD
+    assert "| MiniLM L2 (distill.hidden.beta=0) | 22.00 ± 2.65 |" in cola  # KD
+    assert "| MiniLM L2 (distill.hidden.beta=0) | 25.00 ± 2.65 |" in cola  # MetaDistil
+    from scipy import stats
+
+    p = stats.ttest_rel([30, 31, 29], [20, 21, 25]).pvalue  # against the clean KD cell, seed by seed
+    assert f"| MiniLM L2 (distill.hidden.beta=100) | 30.00 ± 1.00 | [27.52, 32.48] | +8.00 (p={p:.3f}) |" in cola
+    assert "| L2 (distill.hidden.beta=0) | 52.00 ± 2.00 |" in stsb  # fine-tuned
+    assert "| MiniLM L2 (distill.hidden.beta=0) | 60.00 ± 1.00 |" in stsb  # KD
     assert "| MiniLM | 80.00 |" in cola and "data.task" not in text
     assert "MCC / Pearson: test Matthews correlation / Pearson correlation in percent (correlations × 100)" in text
     with report.csv_path.open() as fh:
-        rows = {(r["task"], r["algorithm"]): r for r in csv.DictReader(fh)}
+        rows = {(r["task"], r["algorithm"]): r for r in csv.DictReader(fh) if "beta=100" not in r["method"]}
     assert rows[("cola", "metadistil")]["metric"] == "mcc"
     assert float(rows[("stsb", "finetune")]["score_mean"]) == pytest.approx(52.0)
     # Δ vs KD pairs within the task: metadistil − kd, per seed

@@ -36,9 +36,12 @@ def test_sweep_configs_exist():
 
 
 CELL_SPECS = {"sst2_cpu_metadistil.yaml": "sst2_cpu.yaml"}  # one cell of a grid, to rerun it alone
+GLUE_SPECS = {"glue_cpu.yaml": ["cola", "mrpc", "rte", "stsb"],  # one teacher per task, no teacher sets of two
+              "paper_glue.yaml": ["cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte"]}
 
 
-@pytest.mark.parametrize("path", [p for p in SWEEPS if p.name not in CELL_SPECS], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [p for p in SWEEPS if p.name not in {**CELL_SPECS, **GLUE_SPECS}],
+                         ids=lambda p: p.name)
 def test_sweep_config_expands(path, monkeypatch):
     monkeypatch.chdir(ROOT)  # paths inside configs are relative to the repository root, where users run them
     plan = expand(*load_spec(path))
@@ -104,3 +107,29 @@ def test_make_demo_runs_the_sweep_the_readme_names():
     # ./mlflow.db even where MLFLOW_TRACKING_URI names a server, as the README says; the UI command reads it back
     assert sweeps[0].startswith("env -u MLFLOW_TRACKING_URI ") and "sqlite:///mlflow.db" in out.stdout
     assert "sqlite:///mlflow.db" in text
+
+
+@pytest.mark.parametrize("name, tasks", GLUE_SPECS.items())
+def test_glue_sweeps_distil_each_task_from_its_own_teacher(name, tasks, monkeypatch, capsys):
+    from launcher.cli import main
+
+    monkeypatch.chdir(ROOT)
+    plan = expand(*load_spec(ROOT / "configs" / "sweep" / name))
+    teachers = {t.config.data.task: t for t in plan.teacher_trials.values()}
+    assert list(teachers) == tasks and all(t.config.algorithm == "finetune" for t in teachers.values())
+    cells = {(t.axes["algorithm"], t.axes["distill.hidden.beta"]) for t in plan.trials}
+    assert {("finetune", 0), ("kd", 0), ("metadistil", 0), ("metadistil", 100)} <= cells
+    assert ("finetune", 100) not in cells
+    for trial in plan.trials:
+        task = trial.config.data.task
+        assert trial.axes["data.task"] == task
+        assert [m.name for m in trial.config.teachers] == \
+            ([] if trial.axes["algorithm"] == "finetune" else [f"{teachers[task].config.output.dir}/student"])
+        hidden = trial.config.distill.hidden
+        assert (hidden is not None and hidden.beta == 100) == (trial.axes["distill.hidden.beta"] == 100)
+    seeds = {t.axes["seed"] for t in plan.trials}
+    assert len(plan.trials) == len(tasks) * len(seeds) * len(cells) and len(seeds) == 3
+    assert main(["sweep", str(ROOT / "configs" / "sweep" / name), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert f"{len(tasks)} teacher fine-tuning trials, {len(plan.trials)} trials" in out
+    assert " task " in out.splitlines()[len(tasks) + 1] and " beta" in out.splitlines()[len(tasks) + 1]

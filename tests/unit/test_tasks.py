@@ -257,3 +257,10 @@ def test_the_main_metric_of_no_task_is_accuracy():
     assert [main_metric(t) for t in (None, "cola", "stsb", "mrpc", "sst2")] == \
         ["accuracy", "mcc", "pearson", "f1", "accuracy"]
     assert set(METRIC_NAMES) == {m for t in TASKS.values() for m in t.metrics} and set(TITLES) == set(TASKS)
+
+
+def test_a_null_train_size_takes_every_example_left(tmp_path):
+    splits = load_splits(task_data("cola", cola(tmp_path, n=40), train_size=None, quiz_size=5, test_size=5), seed=1)
+    assert (len(splits.train), len(splits.quiz), len(splits.test), len(splits.validation)) == (30, 5, 5, 10)
+    with pytest.raises(ConfigError, match=r"data\.train_size: synthetic data has no size of its own; give a number"):
+        parse_config({"data": {"name": "synthetic", "train_size": None}})
