@@ -13,6 +13,7 @@ from trainer.config import ConfigError, NoiseConfig
 from trainer.data import Collator, TextSet, index_batches
 from trainer.metrics import score
 from trainer.preflight import one_line
+from trainer.tokenized import takes_segments
 
 
 @torch.no_grad()
@@ -76,5 +77,6 @@ def score_saved(model_dir: str | Path, data: TextSet, max_length: int, batch_siz
     if unfit:
         raise ConfigError(f"model folder {str(model_dir)!r}: its weights do not fit its config.json ({len(unfit)} "
                           f"missing or of another shape, e.g. {unfit[0]}); it is not a saved classifier")
-    collate = Collator(tokenizer, [], max_length, NoiseConfig(), seed=0)
+    collate = Collator(tokenizer, [], max_length, NoiseConfig(), seed=0,
+                       segments=[takes_segments(tokenizer, model.config)])
     return scores_on(model.to(device), data, collate, batch_size, device, metrics)

@@ -14,6 +14,7 @@ from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
+    BertForSequenceClassification,
     DistilBertForSequenceClassification,
 )
 
@@ -107,7 +108,21 @@ def test_a_custom_pair_file_without_a_task(tmp_path, model_dirs, sentences, caps
     assert code == 2 and "--text-pair-column: column 'second' not in" in err
 
 
-def test_stsb_scores_pearson_and_spearman(tmp_path, regression_model, sentences, capsys):
+@pytest.fixture(scope="module")
+def bert_regression_model(tmp_path_factory, tokenizers) -> str:
+    """A tiny BERT with one output: it reads the pairs' segment ids too."""
+    config = tiny.tiny_bert(tokenizers["wordpiece"], init_std=0.5).config
+    config.num_labels, config.problem_type = 1, "regression"
+    torch.manual_seed(3)
+    return tiny.save(BertForSequenceClassification(config), tokenizers["wordpiece"],
+                     tmp_path_factory.mktemp("models") / "stsb-bert")
+
+
+@pytest.mark.parametrize("kind", ["distilbert", "bert"])
+def test_stsb_scores_pearson_and_spearman(tmp_path, regression_model, bert_regression_model, sentences, capsys,
+                                          kind):
+    """The reference reads the tokenizer's whole encoding: a BERT's segment ids too."""
+    regression_model = bert_regression_model if kind == "bert" else regression_model
     firsts, seconds = sentences
     scores = [round(5 * ((i * 7) % 11) / 10, 3) for i in range(30)]
     # the hub's column names, as a jsonl export of nyu-mll/glue stsb has them
