@@ -66,6 +66,7 @@ def _sweep(args: argparse.Namespace) -> int:
     spec, base = load_spec(args.spec, args.overrides)
     plan = expand(spec, base)
     refuse_config_credentials([t.config for t in [*plan.teacher_trials.values(), *plan.trials]])
+    _check_layer_maps(plan)
     if args.dry_run:
         print(format_plan(plan))
         return 0
@@ -92,6 +93,20 @@ def _sweep(args: argparse.Namespace) -> int:
                               experiment=plan.trials[0].config.tracking.experiment if plan.trials else "metadistil")
         print(f"\n{report.markdown}\n{report.written}")
     return 1 if result.failed else 0
+
+
+def _check_layer_maps(plan) -> None:
+    """Every trial's distill.hidden layer map against its models' config.json, before any teacher is fine-tuned; a
+    teacher still to fine-tune (its folder not written yet) has the depth of the model its recipe starts from."""
+    from trainer.preflight import check_layer_map
+
+    # a trial names a fine-tuned teacher by the folder its fine-tuning trial saves it to (launcher.spec)
+    planned = {str(Path(t.config.output.dir) / "student"): t.config.student for t in plan.teacher_trials.values()}
+    for trial in plan.trials:
+        try:
+            check_layer_map(trial.config, planned)
+        except ConfigError as err:
+            raise ConfigError(f"trial {trial.id}: {err}") from None
 
 
 def format_plan(plan) -> str:

@@ -15,16 +15,19 @@ import json
 import os
 import re
 import zipfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
-from trainer.config import DataConfig, EvalConfig, TrialConfig
+from trainer import registry
+from trainer.config import DataConfig, EvalConfig, StudentConfig, TrialConfig
 from trainer.data import Splits, load_splits
 from trainer.datafiles import EVALUATE_KEYS, TextSet, read_labelled, read_records, verbatim
 from trainer.errors import ConfigError
+from trainer.layer_map import check_depths
 from trainer.tasks import TASKS, Task
 
 WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -77,7 +80,47 @@ def check_trial(cfg: TrialConfig) -> Splits | None:
         if missing:
             raise ConfigError(f"student.init_layers: layers {missing} do not exist; {cfg.student.name!r} has "
                               f"{student.layers} (indices 0..{student.layers - 1})")
+    check_layer_map(cfg)
     return splits
+
+
+def check_layer_map(cfg: TrialConfig, planned: Mapping[str, StudentConfig] | None = None) -> None:
+    """``distill.hidden.layers`` against the depth in the student's and each teacher's config.json, before any weights
+    load (the check a trial makes on its loaded models, with its message). ``planned``: for a teacher a sweep has still
+    to fine-tune (by its name in ``cfg``, a folder not written yet), the model it is fine-tuned from."""
+    if cfg.distill.hidden is None or registry.get(cfg.algorithm).teachers == "none":
+        return
+    planned = planned or {}
+
+    def depth(spec: StudentConfig) -> int | None:  # a student cut by init_layers keeps as many layers as it lists
+        return len(spec.init_layers) if spec.init_layers else config_depth(spec.name)
+
+    teachers = [config_depth(t.name) if t.name not in planned or Path(t.name).exists() else depth(planned[t.name])
+                for t in cfg.teachers]
+    check_depths(cfg.distill.hidden.layers, depth(cfg.student), teachers)
+
+
+def config_depth(name: str) -> int | None:
+    """A model's layer count from its config.json (a local folder, or a hub id's copy in the local cache) without
+    loading it; None where there is none to read (loading then checks)."""
+    try:
+        path = resolve_name(name)
+    except ConfigError:  # a package that is not installed: check_trial, or loading, names it
+        return None
+    file = Path(path) / "config.json"
+    if not file.is_file() and _HUB_ID.match(path):
+        from huggingface_hub import try_to_load_from_cache
+
+        try:
+            cached = try_to_load_from_cache(path, "config.json")
+        except ValueError:  # not a valid repo id after all
+            cached = None
+        file = Path(cached) if isinstance(cached, str) else file
+    try:
+        config = json.loads(file.read_bytes())
+    except (OSError, ValueError):
+        return None
+    return ModelFolder(file.parent, config).layers if isinstance(config, dict) else None
 
 
 @dataclass(frozen=True)
