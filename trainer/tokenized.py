@@ -83,7 +83,8 @@ def takes_segments(tokenizer, config) -> bool:
     the model has a segment embedding for each sentence (BERT, MiniLM-BERT). DistilBERT has none, RoBERTa's
     tokenizer does not return them; a DistilBERT with a BERT tokenizer (the same vocabulary) must not get them."""
     names = getattr(tokenizer, "model_input_names", ())
-    return "token_type_ids" in names and (getattr(config, "type_vocab_size", None) or 0) >= 2
+    has_sep = getattr(tokenizer, "sep_token_id", None) is not None  # segment_ids finds the second sentence by it
+    return "token_type_ids" in names and has_sep and (getattr(config, "type_vocab_size", None) or 0) >= 2
 
 
 def segment_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor, sep_id: int) -> torch.Tensor:
