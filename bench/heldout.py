@@ -71,7 +71,7 @@ def score_trials(plan: Plan, data: TextSet, batch_size: int, device: str) -> lis
             print(f"  {trial.id}: not finished (no {out / 'metrics.json'}), skipped", file=sys.stderr)
             continue
         own = _own_test_accuracy(out)
-        acc = score_saved(out / "student", data, trial.config.data.max_length, batch_size, torch_device)
+        acc = score_saved(out / "student", data, trial.config.data.max_length, batch_size, torch_device)["accuracy"]
         rows.append({"trial": trial.id, "run_name": names[trial.id], "cell": cell_of(trial),
                      "seed": trial.axes.get("seed", ""),
                      "heldout_accuracy": acc, "own_test_accuracy": own})

@@ -12,10 +12,14 @@ from contextlib import contextmanager
 from functools import partial
 from importlib.metadata import version
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from trainer.config import ConfigError, explain, load_config
 from trainer.logging import NAMED_LINE, QUIET_LIBRARIES, redact_text, redact_uri
 from trainer.tasks import METRIC_NAMES, main_metric
+
+if TYPE_CHECKING:
+    from trainer.preflight import EvalColumns
 
 # Notices every trial repeats: transformers' load report (a fresh classification head is "MISSING") and its bars for
 # loading and saving weights. Environment variables, so that the trainer reads them in this process and in the
@@ -64,6 +68,7 @@ def _sweep(args: argparse.Namespace) -> int:
     spec, base = load_spec(args.spec, args.overrides)
     plan = expand(spec, base)
     refuse_config_credentials([t.config for t in [*plan.teacher_trials.values(), *plan.trials]])
+    _check_layer_maps(plan)
     if args.dry_run:
         print(format_plan(plan))
         return 0
@@ -91,6 +96,20 @@ def _sweep(args: argparse.Namespace) -> int:
                               experiment=plan.trials[0].config.tracking.experiment if plan.trials else "metadistil")
         print(f"\n{report.markdown}\n{report.written}")
     return 1 if result.failed else 0
+
+
+def _check_layer_maps(plan) -> None:
+    """Every trial's distill.hidden layer map against its models' config.json, before any teacher is fine-tuned; a
+    teacher still to fine-tune (its folder not written yet) has the depth of the model its recipe starts from."""
+    from trainer.preflight import check_layer_map
+
+    # a trial names a fine-tuned teacher by the folder its fine-tuning trial saves it to (launcher.spec)
+    planned = {str(Path(t.config.output.dir) / "student"): t.config.student for t in plan.teacher_trials.values()}
+    for trial in plan.trials:
+        try:
+            check_layer_map(trial.config, planned)
+        except ConfigError as err:
+            raise ConfigError(f"trial {trial.id}: {err}") from None
 
 
 def format_plan(plan) -> str:
@@ -150,17 +169,26 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     folder = local_model_folder(args.model)  # a models:/ or runs:/ URI is downloaded; the JSON keeps the URI
     # every input (the --json target too) is checked before the model loads: a bad one fails in a second
-    data = check_evaluation(folder, args.data, args.text_column, args.label_column, args.max_length,
-                            args.batch_size, args.json)
-    score = score_saved(folder, data, args.max_length, args.batch_size, pick_device(args.device))
-    print(f"accuracy {score:.4f} on {len(data)} examples of {args.data}")
+    data, metrics = check_evaluation(folder, args.data, args.task, _columns(args), args.max_length, args.batch_size,
+                                     args.json)
+    scores = score_saved(folder, data, args.max_length, args.batch_size, pick_device(args.device), metrics)
+    print(f"{', '.join(f'{k} {v:.4f}' for k, v in scores.items())} on {len(data)} examples of {args.data}")
     if args.json:
+        # "accuracy" at the top level as before the task metrics, for readers of that format
+        kept = {"accuracy": scores["accuracy"]} if "accuracy" in scores else {}
         try:
-            Path(args.json).write_text(json.dumps({"accuracy": score, "examples": len(data), "model": args.model,
-                                                   "data": args.data}, indent=2))
+            Path(args.json).write_text(json.dumps({**kept, "metrics": scores, "task": args.task,
+                                                   "examples": len(data), "model": args.model, "data": args.data},
+                                                  indent=2))
         except OSError as err:  # checked writable above, but a disk can still fill up
             raise ConfigError(f"--json: cannot write {args.json!r} ({err.strerror})") from None
     return 0
+
+
+def _columns(args: argparse.Namespace) -> EvalColumns:
+    from trainer.preflight import EvalColumns
+
+    return EvalColumns(args.text_column, args.label_column, args.text_pair_column)
 
 
 def _evaluate_sweep(args: argparse.Namespace) -> int:
@@ -170,23 +198,27 @@ def _evaluate_sweep(args: argparse.Namespace) -> int:
     from launcher.rescore import rescore_sweep
     from launcher.tracking import local_store, resolve_tracking
 
+    if args.task:
+        raise ConfigError("--task: only with --model (a sweep's students are scored by their trials' data.task)")
     tracking = resolve_tracking(args.tracking_uri, args.experiment or "metadistil", default=local_store())
     if args.json:
         from trainer.preflight import check_output_file
 
         check_output_file("--json", Path(args.json))
     try:
-        result = rescore_sweep(tracking.uri, tracking.experiment, args.sweep, args.data,
-                               (args.text_column, args.label_column), args.max_length, args.batch_size, args.device,
+        result = rescore_sweep(tracking.uri, tracking.experiment, args.sweep, args.data, _columns(args),
+                               args.max_length, args.batch_size, args.device,
                                Path(args.out or f"runs/reports/{args.sweep}"), args.name, not args.no_attach)
     except ReportError as err:
         raise ConfigError(f"--sweep: {err}") from None
+    logged = sorted({result.prefix + m for scores in result.metrics.values() for m in scores})
     print(result.report.markdown)
-    print(f"scored {len(result.scores)} students on {result.examples} examples of {args.data} (metric "
-          f"{result.metric} on their MLflow runs), {len(result.skipped)} skipped\n{result.report.written}")
+    print(f"scored {len(result.scores)} students on {result.examples} examples of {args.data} (metrics "
+          f"{', '.join(logged)} on their MLflow runs), {len(result.skipped)} skipped\n{result.report.written}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"metric": result.metric, "examples": result.examples, "data": args.data,
-                                               "sweep": args.sweep, "scores": result.scores,
+        Path(args.json).write_text(json.dumps({"metric": result.metric, "prefix": result.prefix,
+                                               "examples": result.examples, "data": args.data, "sweep": args.sweep,
+                                               "scores": result.scores, "metrics": result.metrics,
                                                "skipped": result.skipped}, indent=2))
     return 0
 
@@ -227,25 +259,31 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--experiment", default="metadistil", help="MLflow experiment of the sweep")
     report.add_argument("--no-attach", action="store_true", help="do not attach the files to the sweep's run")
     report.set_defaults(func=_report)
-    evaluate = add_parser("evaluate", help="accuracy of a saved student, or of every student of a sweep, on any "
-                          "labelled file")
+    evaluate = add_parser("evaluate", help="accuracy (a GLUE task's metrics) of a saved student, or of every student "
+                          "of a sweep, on any labelled file")
     scored = evaluate.add_mutually_exclusive_group(required=True)
     scored.add_argument("--model",
                           help="saved model folder (e.g. runs/.../student), or an MLflow model URI: "
                                "models:/<name>@<alias>, models:/<name>/<version> or runs:/<run id>/<path>, read from "
                                "MLFLOW_TRACKING_URI, else ./mlflow.db")
-    evaluate.add_argument("--data", required=True, help="labelled tsv/csv/jsonl/json/parquet file")
-    evaluate.add_argument("--text-column", default="sentence")
-    evaluate.add_argument("--label-column", default="label")
+    evaluate.add_argument("--data", required=True, help="labelled tsv/csv/jsonl/json/parquet file; with --task also a "
+                          "folder in GLUE's raw layout, whose dev file is read")
+    evaluate.add_argument("--task", help="with --model: the GLUE task (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, "
+                          "wnli) that fixes the columns (raw GLUE or hub), the labels and the metrics, as data.task "
+                          "does for a trial")
+    evaluate.add_argument("--text-column", help="without a task (default sentence)")
+    evaluate.add_argument("--text-pair-column", help="without a task: the second sentence of sentence pairs")
+    evaluate.add_argument("--label-column", help="without a task (default label)")
     evaluate.add_argument("--max-length", type=int, default=128)
     evaluate.add_argument("--batch-size", type=int, default=64)
     evaluate.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     scored.add_argument("--sweep", help="score every finished teacher and trial of this sweep (its latest MLflow "
                         "parent run), log the scores to their runs and rebuild Table 1 on the file")
-    evaluate.add_argument("--json", help="also write {accuracy, examples, model, data} to this file (with --sweep: "
-                          "{metric, examples, data, sweep, scores by trial, skipped})")
-    evaluate.add_argument("--name", help="with --sweep: the runs' metric is eval_<name>_accuracy (default: the file's "
-                          "name without its suffix)")
+    evaluate.add_argument("--json", help="also write {accuracy (classification), metrics, task, examples, model, "
+                          "data} to this file (with --sweep: {metric, prefix, examples, data, sweep, scores and "
+                          "metrics by trial, skipped})")
+    evaluate.add_argument("--name", help="with --sweep: the runs' metrics are eval_<name>_<metric> (default: the "
+                          "file's name without its suffix)")
     evaluate.add_argument("--tracking-uri", help="with --sweep: MLflow URI (default MLFLOW_TRACKING_URI, else "
                           "./mlflow.db)")
     evaluate.add_argument("--experiment", help="with --sweep: MLflow experiment of the sweep (default metadistil)")

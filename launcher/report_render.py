@@ -76,7 +76,8 @@ def _cell_text(text: str) -> str:
 def markdown(sweep: str, parent, rows: list[dict[str, Any]], failed: list[dict[str, str]],
              reference: float | None, n_trials: int, scored: str = TEST) -> str:
     tags = parent.data.tags
-    lines = [f"# Sweep {sweep}: experimental results" + ("" if scored == TEST else f", scored {scored}"), ""]
+    lines = [f"# Sweep {sweep}: experimental results"
+             + ("" if scored == TEST else f", {scored_as([r['metric'] for r in rows], scored)}"), ""]
     meta = [f"parent run `{parent.info.run_id}`"]
     if tags.get(CONFIG_HASH):
         meta.append(f"config hash `{tags[CONFIG_HASH]}`")

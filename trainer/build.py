@@ -23,6 +23,7 @@ from trainer.engine import Engine, Schedule, wrap
 from trainer.hidden import HiddenMap, prepare
 from trainer.metrics import PhaseTimer
 from trainer.models import Loaded, count_parameters, load_model, pick_device, student_from_teacher, times_smaller
+from trainer.tokenized import takes_segments
 
 
 @dataclass
@@ -66,7 +67,8 @@ def build_trial(cfg: TrialConfig, device: torch.device | None = None) -> Trial:
     teachers = [load_model(spec, splits.num_labels, f"teachers.{i}", attn) for i, spec in enumerate(cfg.teachers)]
     student = _load_student(cfg, splits.num_labels, attn)
     collate = Collator.for_training(student.tokenizer, [t.tokenizer for t in teachers], cfg.data.max_length,
-                                    cfg.noise, cfg.seed, splits.train, cfg.data.token_cache)
+                                    cfg.noise, cfg.seed, splits.train, cfg.data.token_cache,
+                                    [takes_segments(m.tokenizer, m.model.config) for m in (student, *teachers)])
     sizes = _model_sizes(student, teachers)  # a hidden_projection is a training aid, not part of the student's size
     # before wrapping: the student's engine must hold the projection that prepare() may add
     hidden = prepare(cfg.distill.hidden, student, teachers) if algorithm.teachers != "none" else None

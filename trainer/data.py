@@ -219,13 +219,17 @@ class Collator:
     """Turns example indices into a Batch: noise per role, then one tokenization per distinct tokenizer and text."""
 
     def __init__(self, student_tokenizer, teacher_tokenizers: Sequence, max_length: int, noise: NoiseConfig,
-                 seed: int, vocabulary: Sequence[str] = (), token_cache: str | None = None, pairs: bool = False):
+                 seed: int, vocabulary: Sequence[str] = (), token_cache: str | None = None, pairs: bool = False,
+                 segments: Sequence[bool] = ()):
+        """``segments``: for the student's tokenizer, then each teacher's, whether its model reads the segment ids of
+        sentence pairs (``trainer.tokenized.takes_segments``); none does where it is shorter."""
         self.student_tokenizer = student_tokenizer
         self.teacher_tokenizers = list(teacher_tokenizers)
         self.max_length = max_length
         self.noise = noise
         self.seed = seed
         self.vocabulary = list(vocabulary)
+        self.segmented = {id(t) for t, wanted in zip([student_tokenizer, *self.teacher_tokenizers], segments) if wanted}
         self.caches = {}
         if token_cache:
             from trainer.tokenized import TokenCache
@@ -237,11 +241,11 @@ class Collator:
 
     @classmethod
     def for_training(cls, student_tokenizer, teacher_tokenizers, max_length, noise, seed, train: TextSet,
-                     token_cache: str | None = None) -> Collator:
+                     token_cache: str | None = None, segments: Sequence[bool] = ()) -> Collator:
         needs_vocab = any(side.p > 0 and side.mode == "vocab" for side in (noise.teacher, noise.student))
         vocabulary = build_vocabulary([*train.texts, *(train.pairs or [])]) if needs_vocab else ()
         return cls(student_tokenizer, teacher_tokenizers, max_length, noise, seed, vocabulary, token_cache,
-                   pairs=train.pairs is not None)
+                   pairs=train.pairs is not None, segments=segments)
 
     def _segments(self, tokenizer, data: TextSet, indices: Indices, role: str, epoch: int | None
                   ) -> tuple[list[str], list[str] | None]:
@@ -264,13 +268,22 @@ class Collator:
 
     def _tokenize(self, tokenizer, texts: list[str], pairs: list[str] | None) -> dict[str, torch.Tensor]:
         cache = self.caches.get(id(tokenizer))
-        cached = cache.encode(texts if pairs is None else list(zip(texts, pairs))) if cache else None
-        if cached is not None:
-            return cached
-        # token_type_ids are left out, for pairs too: not every model takes them (DistilBERT refuses them), and the
-        # token cache holds ids only; the tokenizer's separator tokens mark the pair
-        enc = tokenizer(texts, pairs, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
-        return {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+        enc = cache.encode(texts if pairs is None else list(zip(texts, pairs))) if cache else None
+        if enc is None:
+            full = tokenizer(texts, pairs, padding=True, truncation=True, max_length=self.max_length,
+                             return_tensors="pt")
+            enc = {k: full[k] for k in ("input_ids", "attention_mask")}
+        # segment ids only for pairs, and only to a model that reads them (takes_segments): a single text's are all 0,
+        # the model's default. They come from the ids, cached or not: the token cache holds ids only
+        if pairs is not None and self.takes_segments(tokenizer):
+            from trainer.tokenized import segment_ids
+
+            enc["token_type_ids"] = segment_ids(enc["input_ids"], enc["attention_mask"], tokenizer.sep_token_id)
+        return enc
+
+    def takes_segments(self, tokenizer) -> bool:
+        """Whether the model read through ``tokenizer`` gets the segment ids of sentence pairs."""
+        return id(tokenizer) in self.segmented
 
     def __call__(self, data: TextSet, indices: Indices, epoch: int | None = None,
                  with_teachers: bool = True) -> Batch:

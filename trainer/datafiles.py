@@ -54,7 +54,7 @@ class Keys:
     pair: str = "data.text_pair_column"
 
 
-EVALUATE_KEYS = Keys("--data", "--text-column", "--label-column")
+EVALUATE_KEYS = Keys("--data", "--text-column", "--label-column", "--text-pair-column")
 
 
 def read_labelled(file: Path, text_column: str, label_column: str, keys: Keys = Keys(),

@@ -13,6 +13,7 @@ from trainer.config import ConfigError, NoiseConfig
 from trainer.data import Collator, TextSet, index_batches
 from trainer.metrics import score
 from trainer.preflight import one_line
+from trainer.tokenized import takes_segments
 
 
 @torch.no_grad()
@@ -50,8 +51,10 @@ def improves(scores: Mapping[str, float], best: Mapping[str, float], main: str) 
     return scores[main] > best[main] or (math.isnan(best[main]) and not math.isnan(scores[main]))
 
 
-def score_saved(model_dir: str | Path, data: TextSet, max_length: int, batch_size: int, device: torch.device) -> float:
-    """Accuracy of a saved classifier (a ``save_pretrained`` folder with its tokenizer) on clean text."""
+def score_saved(model_dir: str | Path, data: TextSet, max_length: int, batch_size: int, device: torch.device,
+                metrics: Sequence[str] = ("accuracy",)) -> dict[str, float]:
+    """The named metrics (trainer.metrics) of a saved classifier or regression model (a ``save_pretrained`` folder
+    with its tokenizer) on clean text; sentence pairs are tokenized as pairs."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -74,5 +77,6 @@ def score_saved(model_dir: str | Path, data: TextSet, max_length: int, batch_siz
     if unfit:
         raise ConfigError(f"model folder {str(model_dir)!r}: its weights do not fit its config.json ({len(unfit)} "
                           f"missing or of another shape, e.g. {unfit[0]}); it is not a saved classifier")
-    collate = Collator(tokenizer, [], max_length, NoiseConfig(), seed=0)
-    return accuracy(model.to(device), data, collate, batch_size, device)
+    collate = Collator(tokenizer, [], max_length, NoiseConfig(), seed=0,
+                       segments=[takes_segments(tokenizer, model.config)])
+    return scores_on(model.to(device), data, collate, batch_size, device, metrics)

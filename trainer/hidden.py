@@ -4,7 +4,8 @@ models.
 
 Layers are numbered as a Hugging Face encoder's ``hidden_states``: 0 is the embeddings, i the output of layer i. A
 student and its teachers are probed once, right after loading, so that a model without hidden states or a layer map
-outside a model is refused before training, naming the key. The teachers' states are averaged (as their logits are),
+outside a model is refused before training, naming the key (``metadistil validate`` makes the same check earlier, from
+each model's config.json: trainer.layer_map). The teachers' states are averaged (as their logits are),
 so the teachers must share a hidden size; a student of another size gets a Linear(student size, teacher size) as a
 submodule named ``hidden_projection``, added before the engine wraps the student, so its optimizer, its checkpoints and
 the meta step's θ include it. The saved student leaves it out (``without_projection``): it is a plain classifier.
@@ -22,6 +23,7 @@ from torch.func import functional_call
 
 from trainer.config import HiddenConfig
 from trainer.errors import ConfigError
+from trainer.layer_map import layer_pairs
 
 if TYPE_CHECKING:
     from trainer.models import Loaded
@@ -93,28 +95,6 @@ def probe(loaded: Loaded, key: str) -> tuple[int, int]:
         raise ConfigError(f"distill.hidden: {key} ({type(model).__name__}) returns no hidden states to distil; "
                           "remove distill.hidden or use an encoder that returns them (BERT, RoBERTa, DistilBERT, ...)")
     return len(states) - 1, int(states[-1].shape[-1])
-
-
-def layer_pairs(layers: str | Sequence[tuple[int, int]], student_depth: int, teacher_depth: int,
-                teacher: str) -> list[tuple[int, int]]:
-    """The (student layer, teacher layer) pairs of ``distill.hidden.layers`` for one teacher, checked against both."""
-    key = "distill.hidden.layers"
-    if isinstance(layers, str):  # "auto", the one string the config allows
-        if student_depth < 2:
-            raise ConfigError(f"{key}: auto pairs the student's layers 1..S-1 (its last is distilled through the "
-                              f"logits), and the student has {student_depth}; list the pairs instead")
-        if teacher_depth < student_depth:
-            raise ConfigError(f"{key}: auto spaces the student's {student_depth} layers over the teacher's, and "
-                              f"{teacher} has only {teacher_depth}; list the pairs instead")
-        return [(i, i * (teacher_depth // student_depth)) for i in range(1, student_depth)]
-    for s, t in layers:
-        if s > student_depth:
-            raise ConfigError(f"{key}: student layer {s} does not exist; the student has {student_depth} layers "
-                              f"(1..{student_depth})")
-        if t > teacher_depth:
-            raise ConfigError(f"{key}: teacher layer {t} does not exist; {teacher} has {teacher_depth} layers "
-                              f"(1..{teacher_depth})")
-    return [(s, t) for s, t in layers]
 
 
 def attach_projection(model: nn.Module, student_size: int, teacher_size: int) -> None:

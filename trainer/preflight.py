@@ -15,17 +15,20 @@ import json
 import os
 import re
 import zipfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
-from trainer.config import DataConfig, EvalConfig, TrialConfig
+from trainer import registry
+from trainer.config import DataConfig, EvalConfig, StudentConfig, TrialConfig
 from trainer.data import Splits, load_splits
-from trainer.datafiles import EVALUATE_KEYS, TextSet, read_labelled
+from trainer.datafiles import EVALUATE_KEYS, TextSet, read_labelled, read_records, verbatim
 from trainer.errors import ConfigError
-from trainer.tasks import TASKS
+from trainer.layer_map import check_depths
+from trainer.tasks import TASKS, Task
 
 WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 # tokenizer_config.json alone is not a tokenizer: transformers builds one with an empty vocabulary from it
@@ -77,18 +80,121 @@ def check_trial(cfg: TrialConfig) -> Splits | None:
         if missing:
             raise ConfigError(f"student.init_layers: layers {missing} do not exist; {cfg.student.name!r} has "
                               f"{student.layers} (indices 0..{student.layers - 1})")
+    check_layer_map(cfg)
     return splits
 
 
-def check_evaluation(model: str, data: str, text_column: str, label_column: str, max_length: int, batch_size: int,
-                     json_path: str | None) -> TextSet:
-    """``metadistil evaluate``'s inputs, all before the model loads; the labelled examples to score."""
+def check_layer_map(cfg: TrialConfig, planned: Mapping[str, StudentConfig] | None = None) -> None:
+    """``distill.hidden.layers`` against the depth in the student's and each teacher's config.json, before any weights
+    load (the check a trial makes on its loaded models, with its message). ``planned``: for a teacher a sweep has still
+    to fine-tune (by its name in ``cfg``, a folder not written yet), the model it is fine-tuned from."""
+    if cfg.distill.hidden is None or registry.get(cfg.algorithm).teachers == "none":
+        return
+    planned = planned or {}
+
+    def depth(spec: StudentConfig) -> int | None:  # a student cut by init_layers keeps as many layers as it lists
+        return len(spec.init_layers) if spec.init_layers else config_depth(spec.name)
+
+    teachers = [config_depth(t.name) if t.name not in planned or Path(t.name).exists() else depth(planned[t.name])
+                for t in cfg.teachers]
+    check_depths(cfg.distill.hidden.layers, depth(cfg.student), teachers)
+
+
+def config_depth(name: str) -> int | None:
+    """A model's layer count from its config.json (a local folder, or a hub id's copy in the local cache) without
+    loading it; None where there is none to read (loading then checks)."""
+    try:
+        path = resolve_name(name)
+    except ConfigError:  # a package that is not installed: check_trial, or loading, names it
+        return None
+    file = Path(path) / "config.json"
+    if not file.is_file() and _HUB_ID.match(path):
+        from huggingface_hub import try_to_load_from_cache
+
+        try:
+            cached = try_to_load_from_cache(path, "config.json")
+        except ValueError:  # not a valid repo id after all
+            cached = None
+        file = Path(cached) if isinstance(cached, str) else file
+    try:
+        config = json.loads(file.read_bytes())
+    except (OSError, ValueError):
+        return None
+    return ModelFolder(file.parent, config).layers if isinstance(config, dict) else None
+
+
+@dataclass(frozen=True)
+class EvalColumns:
+    """``metadistil evaluate``'s --text-column, --label-column and --text-pair-column; None where not given."""
+
+    text: str | None = None
+    label: str | None = None
+    pair: str | None = None
+
+    def given(self) -> str | None:
+        """The first option given, as the command line spells it."""
+        named = (("--text-column", self.text), ("--label-column", self.label), ("--text-pair-column", self.pair))
+        return next((option for option, value in named if value is not None), None)
+
+
+def check_evaluation(model: str, data: str, task_name: str | None, columns: EvalColumns, max_length: int,
+                     batch_size: int, json_path: str | None) -> tuple[TextSet, tuple[str, ...]]:
+    """``metadistil evaluate``'s inputs, all before the model loads; the labelled examples to score and the metrics
+    (trainer.metrics names) to score them by."""
+    task = evaluation_task(task_name, columns, f"--task {task_name}")
     folder = check_classifier(model, max_length, batch_size)
     if json_path:
         check_output_file("--json", Path(json_path))
-    examples = read_labelled(Path(data), text_column, label_column, EVALUATE_KEYS)
-    check_label_range(folder, examples, model, data)
-    return examples
+    examples = read_evaluation_data(Path(data), task, columns)
+    check_label_range(folder, examples, model, data, task)
+    return examples, task.metrics if task else ("accuracy",)
+
+
+def evaluation_task(name: str | None, columns: EvalColumns, source: str) -> Task | None:
+    """The task ``name`` (None: none), refused with the column options it fixes (``source`` says who names it)."""
+    if name is None:
+        return None
+    if name not in TASKS:
+        raise ConfigError(f"--task: {name!r} is not a GLUE task (allowed: {', '.join(TASKS)})")
+    task = TASKS[name]
+    given = columns.given()
+    if given:
+        raise ConfigError(f"{given}: is fixed by {source} (columns {', '.join(task.raw.names())} in raw GLUE files, "
+                          f"{', '.join(task.hub.names())} on the hub); remove it")
+    return task
+
+
+def read_evaluation_data(data: Path, task: Task | None, columns: EvalColumns) -> TextSet:
+    """The examples to score: ``columns`` of a file without a task; with one, a file with the task's raw GLUE or hub
+    columns, or the dev file of a folder in GLUE's raw layout, labelled as a trial of the task reads them."""
+    if task is None:
+        return read_labelled(data, columns.text or "sentence", columns.label or "label", EVALUATE_KEYS, columns.pair)
+    file = data / task.raw_dev if data.is_dir() else data
+    if data.is_dir() and not file.is_file():
+        raise ConfigError(f"--data: no {task.raw_dev} in {data} (--task {task.name} reads a labelled file, or the "
+                          f"dev file of a folder in GLUE's raw layout)")
+    names, records = read_records(file, EVALUATE_KEYS)
+    found = next((c for c in (task.raw, task.hub) if set(c.names()) <= set(names)), None)
+    if found is None and task.raw_header and file.suffix in (".tsv", ".csv"):
+        names, records = read_records(file, EVALUATE_KEYS, task.raw_header)  # GLUE's raw CoLA has no header row
+        found = task.raw
+    if found is None:
+        raise ConfigError(f"--data: {file} has neither the columns of --task {task.name} in raw GLUE files "
+                          f"({', '.join(task.raw.names())}) nor those on the hub ({', '.join(task.hub.names())}); "
+                          f"columns found: {', '.join(map(str, names))}")
+    texts, pairs, labels = [], [], []
+    for where, record in records:
+        missing = next((c for c in found.names() if c not in record), None)
+        if missing:  # a JSON object without one of the columns
+            raise ConfigError(f"--data: {where} of {file} has no {missing!r}")
+        texts.append(verbatim(record[found.text]))
+        if found.pair:
+            pairs.append(verbatim(record[found.pair]))
+        try:
+            labels.append(task.label(record[found.label], found.label, f"{where} of {file}"))
+        except ConfigError as err:  # the trial's message names data.task, the setting of a trial config
+            raise ConfigError(f"--task: {str(err).removeprefix('data.task: ')}") from None
+    return TextSet(texts, labels, pairs if found.pair else None, task.regression)
 
 
 def check_classifier(model: str, max_length: int, batch_size: int) -> ModelFolder:
@@ -110,9 +216,23 @@ def check_classifier(model: str, max_length: int, batch_size: int) -> ModelFolde
     return folder
 
 
-def check_label_range(folder: ModelFolder, examples: TextSet, model: str, data: str) -> None:
+def check_label_range(folder: ModelFolder, examples: TextSet, model: str, data: str,
+                      task: Task | None = None) -> None:
+    """The model predicts what the examples are labelled with: scores for a regression head (one output), else
+    classes in its range, and as many as ``task`` has."""
     n = folder.num_labels
     assert n is not None  # check_classifier refused a folder without a classifier head
+    if n == 1 and not examples.regression:
+        raise ConfigError(f"--model: {model!r} is a regression model (one output) and {data} is scored by class "
+                          f"labels; score it with a regression task (--task stsb)")
+    if examples.regression:
+        if n != 1:
+            raise ConfigError(f"--task: the labels of {data} are scores (a regression task) and {model!r} is a "
+                              f"classifier with {n} labels; give a regression model")
+        return
+    if task is not None and n != task.num_labels:
+        raise ConfigError(f"--task: {task.name} has {task.num_labels} classes ({', '.join(task.classes)}) and "
+                          f"{model!r} is a classifier with {n} labels; give a model trained on {task.name}")
     bad = next((i for i, label in enumerate(examples.labels) if not 0 <= label < n), None)
     if bad is not None:
         raise ConfigError(f"--label-column: label {examples.labels[bad]} (example {bad + 1} of {data}) is out of "

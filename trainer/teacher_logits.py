@@ -47,7 +47,7 @@ def shared_logits(trial: Trial, frozen: list[torch.nn.Module]) -> SharedLogits |
     with trial.timer("teacher_logits"):
         for i, (loaded, module) in enumerate(zip(trial.teachers, frozen)):
             key = logits_key(weights_digest(module), loaded.tokenizer, trial.splits.train.examples(),
-                             cfg.data.max_length, trial.device.type)
+                             cfg.data.max_length, trial.device.type, trial.collate.takes_segments(loaded.tokenizer))
             make = partial(compute, module, i, trial.collate, trial.splits.train, cfg.eval.batch_size, trial.device)
             per_teacher.append(load_or_compute(folder, key, make, rows=len(trial.splits.train))[0])
     return SharedLogits(per_teacher, trial.device)
@@ -64,11 +64,13 @@ def weights_digest(model: torch.nn.Module) -> str:
 
 
 def logits_key(weights: str, tokenizer, examples: Sequence[str | tuple[str, str]], max_length: int,
-               precision: str) -> str:
-    """``examples``: the train split as tokenizers read it (``TextSet.examples``: texts, or sentence pairs)."""
+               precision: str, segments: bool = False) -> str:
+    """``examples``: the train split as tokenizers read it (``TextSet.examples``: texts, or sentence pairs);
+    ``segments``: whether the teacher reads the pairs' segment ids (files of pairs computed before it did differ)."""
     flat = ["\x1e".join(e) if isinstance(e, tuple) else e for e in examples]
-    texts_digest = hashlib.sha256(("pairs:" if any(isinstance(e, tuple) for e in examples) else "")
-                                  .encode() + "\x1f".join(flat).encode()).hexdigest()
+    pairs = any(isinstance(e, tuple) for e in examples)
+    kind = ("pairs+segments:" if segments else "pairs:") if pairs else ""
+    texts_digest = hashlib.sha256(kind.encode() + "\x1f".join(flat).encode()).hexdigest()
     identity = "|".join([FORMAT, weights, tokenizer_key(tokenizer, max_length), texts_digest, precision])
     return hashlib.sha256(identity.encode()).hexdigest()[:24]
 

@@ -78,6 +78,23 @@ class TokenCache:
         return {"input_ids": ids, "attention_mask": mask}
 
 
+def takes_segments(tokenizer, config) -> bool:
+    """Whether a model reads the segment ids (``token_type_ids``) of sentence pairs: its tokenizer returns them and
+    the model has a segment embedding for each sentence (BERT, MiniLM-BERT). DistilBERT has none, RoBERTa's
+    tokenizer does not return them; a DistilBERT with a BERT tokenizer (the same vocabulary) must not get them."""
+    names = getattr(tokenizer, "model_input_names", ())
+    has_sep = getattr(tokenizer, "sep_token_id", None) is not None  # segment_ids finds the second sentence by it
+    return "token_type_ids" in names and has_sep and (getattr(config, "type_vocab_size", None) or 0) >= 2
+
+
+def segment_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor, sep_id: int) -> torch.Tensor:
+    """The ``token_type_ids`` a BERT tokenizer gives encoded pairs: 0 up to and including the first separator, 1 after
+    it, 0 on padding. Derived from the ids, so that cached ids (the cache holds no segment ids) and fresh ones get the
+    same."""
+    sep = (input_ids == sep_id).long()
+    return ((sep.cumsum(dim=1) - sep) > 0).long() * attention_mask
+
+
 def prepare_token_caches(configs: Sequence) -> list[Path]:
     """Write the token cache of every tokenizer the trials (``TrialConfig``s with ``data.token_cache``) will use.
 

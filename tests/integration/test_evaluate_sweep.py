@@ -30,15 +30,16 @@ def _reference_accuracy(folder: str, texts: list[str], labels: list[int]) -> flo
     return sum(p == y for p, y in zip(predicted, labels)) / len(labels)
 
 
-def _trial(uri, parent, root, trial_id, tags, student, *, keep_folder=True, log_model=False, status="FINISHED"):
-    """A run as a sweep leaves it: axes as tags, output.dir as a param, the student under output.dir (unless it was
-    cleaned away) and, when asked, logged to the run as an MLflow model."""
+def _trial(uri, parent, root, trial_id, tags, student, *, keep_folder=True, log_model=False, status="FINISHED",
+           task=None):
+    """A run as a sweep leaves it: axes as tags, output.dir and data.task as params, the student under output.dir
+    (unless it was cleaned away) and, when asked, logged to the run as an MLflow model."""
     out = root / trial_id
     shutil.copytree(student, out / "student")
     logger = MLflowLogger(uri, "metadistil", run_name=trial_id, parent_run_id=parent,
                           tags={runs.ROLE: tags.pop("role", "trial"), runs.TRIAL_ID: trial_id, **tags})
-    logger.log_params({"output.dir": str(out)})
-    logger.log_metrics({"test_accuracy": 0.5, "train_wall_time_s": 10.0}, step=1)
+    logger.log_params({"output.dir": str(out), "data.task": task})
+    logger.log_metrics({"test_accuracy": 0.5, "test_f1": 0.5, "train_wall_time_s": 10.0}, step=1)
     if log_model:
         logger.log_student(out / "student")
     if not keep_folder:
@@ -141,3 +142,62 @@ def test_bad_sweep_inputs_are_one_line_errors(sweep, tmp_path, model_dirs, capsy
     assert main([*base[:1], "--data", str(bad), *base[3:], "--sweep", SWEEP]) == 2
     assert "--label-column" in capsys.readouterr().err
     assert not (Path(tmp_path) / "eval_bad").exists()
+
+
+def test_trials_with_a_task_are_scored_by_its_metrics(tmp_path, tokenizers, capsys):
+    """An MRPC sweep: the pairs are read as the task reads them, and F1 and accuracy (scikit-learn's, on the
+    students' own predictions of each pair) logged to each run; Table 1 is built on F1, MRPC's main metric."""
+    from mlflow.tracking import MlflowClient
+    from sklearn.metrics import accuracy_score, f1_score
+    from transformers import DistilBertForSequenceClassification
+
+    import tiny
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    MlflowClient(uri).create_experiment("metadistil", artifact_location=(tmp_path / "artifacts").as_uri())
+    parent = runs.parent_run(uri, "metadistil", "mrpc", "hash", resume=False)
+    axes = {"teacher_set": "big", "teachers": "Big", "student": "Small", "warmup": "0", "noise": "off",
+            "algorithm": "kd"}
+    students = {}
+    for seed in (1, 2):  # wide initial weights: both classes are predicted, F1 is neither 0 nor 1
+        config = tiny.tiny_distilbert(tokenizers["wordpiece_cased"]).config
+        config.initializer_range = 0.5
+        torch.manual_seed(seed)
+        students[f"kd__s{seed}"] = tiny.save(DistilBertForSequenceClassification(config),
+                                             tokenizers["wordpiece_cased"], tmp_path / f"model{seed}")
+        _trial(uri, parent, tmp_path / "trials", f"kd__s{seed}", {**axes, "seed": str(seed)},
+               students[f"kd__s{seed}"], task="mrpc")
+    texts = synthetic_sentiment(60, 1, seed=4)["train"].texts
+    firsts, seconds, labels = texts[:30], texts[30:], [i % 2 for i in range(30)]
+    data = tmp_path / "dev.tsv"
+    data.write_text("Quality\t#1 ID\t#2 ID\t#1 String\t#2 String\n" +
+                    "".join(f"{y}\t{i}\t{i}\t{a}\t{b}\n" for i, (a, b, y) in enumerate(zip(firsts, seconds, labels))))
+    expected = {}
+    for trial, folder in students.items():
+        model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+        tok = AutoTokenizer.from_pretrained(folder)
+        with torch.no_grad():
+            predicted = [model(**tok(a, b, return_tensors="pt")).logits.argmax().item()
+                         for a, b in zip(firsts, seconds)]
+        expected[trial] = {"f1": f1_score(labels, predicted), "accuracy": accuracy_score(labels, predicted)}
+    base = ["evaluate", "--sweep", "mrpc", "--data", str(data), "--tracking-uri", uri, "--out", str(tmp_path / "r")]
+    assert main([*base, "--text-column", "s"]) == 2
+    assert "--text-column: is fixed by the trials' data.task mrpc" in capsys.readouterr().err
+    code = main([*base, "--json", str(tmp_path / "scores.json")])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    saved = json.loads((tmp_path / "scores.json").read_text())
+    assert saved["metric"] == "eval_dev_f1" and saved["prefix"] == "eval_dev_"
+    assert {t: list(m) for t, m in saved["metrics"].items()} == {t: ["f1", "accuracy"] for t in expected}
+    assert all(saved["metrics"][t] == pytest.approx(m) for t, m in expected.items())
+    assert saved["scores"] == pytest.approx({t: m["f1"] for t, m in expected.items()})
+    client = MlflowClient(uri)
+    for run in client.search_runs([client.get_experiment_by_name("metadistil").experiment_id],
+                                  filter_string=f"tags.`{runs.ROLE}` = 'trial'"):
+        trial = run.data.tags[runs.TRIAL_ID]
+        assert run.data.metrics["eval_dev_f1"] == pytest.approx(expected[trial]["f1"])
+        assert run.data.metrics["eval_dev_accuracy"] == pytest.approx(expected[trial]["accuracy"])
+    f1s = sorted(100 * m["f1"] for m in expected.values())
+    report = (tmp_path / "r" / "eval_dev" / "report.md").read_text()
+    assert report.startswith("# Sweep mrpc: experimental results, F1 on dev.tsv (30 examples)")
+    assert f"| {sum(f1s) / 2:.2f} ± {abs(f1s[1] - f1s[0]) / 2 ** 0.5:.2f} |" in report

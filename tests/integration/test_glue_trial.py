@@ -83,3 +83,34 @@ def test_validate_refuses_a_score_on_a_classification_task(tmp_path, model_dirs)
     with pytest.raises(ConfigError, match=r"^data\.task: rte is a classification task .*line 6 of .*train\.tsv "
                                           r"has '4\.2'$"):
         check_trial(cfg)
+
+
+def test_a_pair_trial_feeds_segment_ids_to_the_bert_teacher_only(tmp_path, model_dirs):
+    """Built as a trial builds it: the BERT teacher gets the pairs' segment ids (as its tokenizer encodes them) and
+    its logits depend on them; the DistilBERT student (a BERT tokenizer, no segment embedding) and the RoBERTa teacher
+    get none. Their shared teacher logits are keyed apart from files computed without them."""
+    import torch
+
+    from trainer.build import build_trial
+    from trainer.teacher_logits import logits_key, weights_digest
+
+    cfg = glue(tmp_path, "rte", rte(tmp_path / "rte"), algorithm="kd", student={"name": model_dirs["distilbert"]},
+               teachers=[{"name": model_dirs["bert"]}, {"name": model_dirs["roberta"]}], optim={"max_steps": 2})
+    built = build_trial(cfg, torch.device("cpu"))
+    train = built.splits.train
+    batch = built.collate(train, range(8))
+    assert ["token_type_ids" in enc for enc in (batch.student, *batch.teachers)] == [False, True, False]
+    bert = built.teachers[0]
+    own = bert.tokenizer(train.texts[:8], train.pairs[:8], padding=True, truncation=True, max_length=32,
+                         return_tensors="pt")
+    assert torch.equal(batch.teachers[0]["token_type_ids"], own["token_type_ids"])
+    model = bert.model.eval()
+    without = {k: v for k, v in batch.teachers[0].items() if k != "token_type_ids"}
+    with torch.no_grad():
+        given, plain, reference = (model(**enc).logits for enc in (batch.teachers[0], without, own))
+    # the tiny teacher's segment embeddings are small (init std 0.02): a few 1e-5 apart, where the same inputs give
+    # exactly the same logits
+    assert (given - plain).abs().max() > 1e-6 and torch.allclose(given, reference, atol=1e-7)
+    keys = [logits_key(weights_digest(model), bert.tokenizer, train.examples(), 32, "cpu", segments)
+            for segments in (True, False)]
+    assert keys[0] != keys[1]

@@ -15,7 +15,7 @@ from torch.func import functional_call
 import tiny
 from trainer.algorithms import MetaDistil
 from trainer.config import DistillConfig, HiddenConfig, MetaDistilConfig, NoiseConfig
-from trainer.data import Collator, synthetic_sentiment
+from trainer.data import Collator, TextSet, synthetic_sentiment
 from trainer.engine import TorchEngine
 from trainer.hidden import HiddenMap, prepare
 from trainer.losses import average_logits, cross_entropy, distillation_loss, task_loss
@@ -112,6 +112,25 @@ def meta_gradients(student, teachers, batch, quiz, method: str, hidden: HiddenMa
 @pytest.mark.parametrize("method", ["forward_ad", "double_backward"])
 def test_meta_gradient_matches_finite_differences(tokenizers, n_teachers, method, hidden_case):
     student, teachers, batch, quiz, hidden = hidden_setup(tokenizers, n_teachers, hidden_case)
+    check_finite_differences(student, teachers, batch, quiz, method, hidden)
+
+
+@pytest.mark.parametrize("method", ["forward_ad", "double_backward"])
+def test_meta_gradient_of_pairs_with_segment_ids(tokenizers, method):
+    """A BERT student and teacher on sentence pairs read segment ids: the meta step's functional calls of the
+    student (pilot, JVP, quiz) get them as the definition's plain calls do."""
+    source = synthetic_sentiment(24, 4)["train"]
+    data = TextSet(source.texts[:12], source.labels[:12], pairs=source.texts[12:])
+    student = tiny.tiny_bert(tokenizers["wordpiece_cased"], seed=3).to(torch.float64).train()
+    teachers = [tiny.tiny_bert(tokenizers["wordpiece"], seed=10, init_std=0.2).to(torch.float64).eval()]
+    collate = Collator(tokenizers["wordpiece_cased"], [tokenizers["wordpiece"]], max_length=32, noise=NoiseConfig(),
+                       seed=0, segments=[True, True])
+    batch, quiz = collate(data, range(8)), collate(data, range(8, 12))
+    assert all(enc["token_type_ids"].sum() > 0 for enc in (batch.student, batch.teachers[0], quiz.student))
+    check_finite_differences(student, teachers, batch, quiz, method, None)
+
+
+def check_finite_differences(student, teachers, batch, quiz, method: str, hidden: HiddenMap | None) -> None:
     base = [{n: p.detach().clone() for n, p in t.named_parameters()} for t in teachers]
     student_before = {n: p.detach().clone() for n, p in student.state_dict().items()}
     grads, _ = meta_gradients(student, teachers, batch, quiz, method, hidden)
