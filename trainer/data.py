@@ -34,9 +34,12 @@ class Splits:
     test: TextSet
     num_labels: int
     metrics: tuple[str, ...] = ("accuracy",)  # trainer.metrics names; the first picks the best checkpoint
+    # further dev sets the kept weights are scored on at the end, by name (MNLI's "mismatched")
+    extra: dict[str, TextSet] = field(default_factory=dict)
 
     def sizes(self) -> dict[str, int]:
-        return {name: len(getattr(self, name)) for name in ("train", "quiz", "validation", "test")}
+        return {**{name: len(getattr(self, name)) for name in ("train", "quiz", "validation", "test")},
+                **{f"validation_{name}": len(part) for name, part in self.extra.items()}}
 
 
 def load_splits(cfg: DataConfig, seed: int) -> Splits:
@@ -76,8 +79,10 @@ def load_splits(cfg: DataConfig, seed: int) -> Splits:
     if cfg.train_subset_seed is not None:
         pool = np.random.default_rng([cfg.train_subset_seed, 1]).permutation(pool)
     train = source.take(pool[: cfg.train_size])
+    extra = {split.removeprefix("validation_"): raw[split] for split in (task.extra_splits() if task else [])
+             if split in raw}
     return Splits(train, quiz, validation, test, num_labels=num_labels,
-                  metrics=task.metrics if task else ("accuracy",))
+                  metrics=task.metrics if task else ("accuracy",), extra=extra)
 
 
 def _label_count(labelled: dict[str, TextSet], source_name: str) -> int:

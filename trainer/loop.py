@@ -96,13 +96,16 @@ def _run(cfg: TrialConfig, log: Loggers, progress: bool, on_eval, checkpoint_dir
 
     student.module.load_state_dict(best["state"])
     test = scores_on(student.module, splits.test, trial.collate, cfg.eval.batch_size, trial.device, splits.metrics)
+    extra = {f"best_val_{name}_{k}": v for name, part in splits.extra.items()
+             for k, v in scores_on(student.module, part, trial.collate, cfg.eval.batch_size, trial.device,
+                                   splits.metrics).items()}
     phases = trial.timer.summary()
     # train_wall_time_s: this attempt's warm-up and training, evaluations included; peak_memory_mb: the most GPU
     # memory a phase allocated on CUDA, else the process's peak resident memory (one column for the runs list)
     peaks = [v for k, v in phases.items() if k.startswith("peak_memory_")]
     # best_val_<metric>: the validation scores of the weights kept (the best by the main metric, splits.metrics[0])
     metrics = {**{f"best_val_{k}": v for k, v in best["scores"].items()}, "best_step": best["step"],
-               **{f"test_{k}": v for k, v in test.items()},
+               **{f"test_{k}": v for k, v in test.items()}, **extra,
                "warmup_steps": warmup_steps, "train_steps": total, "train_wall_time_s": time.perf_counter() - started,
                **({"peak_memory_mb": max(peaks)} if peaks else {}), **trial.sizes, **phases}
     log.log_metrics(metrics, step=warmup_steps + total)

@@ -41,6 +41,12 @@ class Task:
     raw_header: tuple[str, ...] | None = None  # the column names of raw files that have no header row
     raw_dev: str = "dev.tsv"
     hub_validation: str = "validation"
+    # further dev sets the kept weights are scored on, as (name, raw file, hub split): MNLI's mismatched genres
+    extra_dev: tuple[tuple[str, str, str], ...] = ()
+
+    def extra_splits(self) -> list[str]:
+        """The split names (``validation_<name>``) under which readers return the extra dev sets."""
+        return [f"validation_{name}" for name, _, _ in self.extra_dev]
 
     @property
     def regression(self) -> bool:
@@ -83,7 +89,8 @@ TASKS: dict[str, Task] = {task.name: task for task in (
     Task("stsb", _PAIR, Columns("sentence1", "sentence2", "score"), ("pearson", "spearman"), classes=()),
     Task("mnli", Columns("premise", "hypothesis", "label"), Columns("sentence1", "sentence2", "gold_label"),
          ("accuracy",), classes=("entailment", "neutral", "contradiction"), raw_dev="dev_matched.tsv",
-         hub_validation="validation_matched"),
+         hub_validation="validation_matched",
+         extra_dev=(("mismatched", "dev_mismatched.tsv", "validation_mismatched"),)),
     Task("qnli", Columns("question", "sentence", "label"), Columns("question", "sentence", "label"), ("accuracy",),
          classes=("entailment", "not_entailment")),
     Task("rte", _PAIR, _PAIR, ("accuracy",), classes=("entailment", "not_entailment")),
@@ -131,7 +138,8 @@ def read_raw(task: Task, folder: Path) -> dict[str, TextSet]:
     if not (folder / "train.tsv").is_file():
         raise ConfigError(f"data.path: no train.tsv in {folder} (data.task {task.name} reads GLUE's raw layout: "
                           f"train.tsv, {task.raw_dev})")
-    files = {"train": folder / "train.tsv", "validation": folder / task.raw_dev}
+    files = {"train": folder / "train.tsv", "validation": folder / task.raw_dev,
+             **{f"validation_{name}": folder / file for name, file, _ in task.extra_dev}}
     return {split: _raw_file(task, file) for split, file in files.items() if file.is_file()}
 
 
@@ -149,9 +157,11 @@ def _raw_file(task: Task, file: Path) -> TextSet:
 
 
 def from_hub(task: Task, loaded: Any, source: str) -> dict[str, TextSet]:
-    """The train and validation splits of the hub subset ``loaded`` (a ``datasets.DatasetDict``)."""
+    """The train and validation splits (and extra dev sets, when there) of the hub subset ``loaded`` (a
+    ``datasets.DatasetDict``)."""
     out = {}
-    for split, hub_split in (("train", "train"), ("validation", task.hub_validation)):
+    extra = [(f"validation_{name}", hub) for name, _, hub in task.extra_dev if hub in loaded]
+    for split, hub_split in (("train", "train"), ("validation", task.hub_validation), *extra):
         if hub_split not in loaded:
             raise ConfigError(f"data.task: {source} has no {hub_split!r} split for task {task.name} (splits: "
                               f"{', '.join(loaded)})")

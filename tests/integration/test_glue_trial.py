@@ -114,3 +114,28 @@ def test_a_pair_trial_feeds_segment_ids_to_the_bert_teacher_only(tmp_path, model
     keys = [logits_key(weights_digest(model), bert.tokenizer, train.examples(), 32, "cpu", segments)
             for segments in (True, False)]
     assert keys[0] != keys[1]
+
+
+def test_mnli_scores_the_kept_weights_on_its_mismatched_dev_set(tmp_path, model_dirs):
+    folder = tmp_path / "mnli"
+    folder.mkdir()
+    classes = ("entailment", "neutral", "contradiction")
+    header = "index\tsentence1\tsentence2\tgold_label"
+    for name, n, seed in (("train.tsv", 300, 4), ("dev_matched.tsv", 60, 5)):
+        rows = [f"{i}\t{t}\tit was {classes[i % 3]}\t{classes[i % 3]}" for i, (t, _) in enumerate(sentences(n, seed))]
+        (folder / name).write_text("\n".join([header, *rows]) + "\n")
+    # the mismatched set is the matched one in another order: the kept weights must score both alike
+    lines = (folder / "dev_matched.tsv").read_text().splitlines()
+    (folder / "dev_mismatched.tsv").write_text("\n".join([lines[0], *reversed(lines[1:])]) + "\n")
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    student = str(tmp_path / "three-labels")  # MNLI's three classes: the fixture's classifier, its head resized
+    AutoModelForSequenceClassification.from_pretrained(model_dirs["distilbert"], num_labels=3,
+                                                       ignore_mismatched_sizes=True).save_pretrained(student)
+    AutoTokenizer.from_pretrained(model_dirs["distilbert"]).save_pretrained(student)
+    log = Recorder()
+    cfg = glue(tmp_path, "mnli", folder, algorithm="finetune", student={"name": student},
+               optim={"max_steps": 20}, eval={"every_steps": 10})
+    result = run_trial(cfg, [log], progress=False)
+    assert result.metrics["best_val_mismatched_accuracy"] == pytest.approx(result.metrics["best_val_accuracy"])
+    assert ("data_validation_mismatched", 60) in [(k, v) for _, m in log.metrics for k, v in m.items()]

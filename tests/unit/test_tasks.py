@@ -264,3 +264,21 @@ def test_a_null_train_size_takes_every_example_left(tmp_path):
     assert (len(splits.train), len(splits.quiz), len(splits.test), len(splits.validation)) == (30, 5, 5, 10)
     with pytest.raises(ConfigError, match=r"data\.train_size: synthetic data has no size of its own; give a number"):
         parse_config({"data": {"name": "synthetic", "train_size": None}})
+
+
+def test_mnli_keeps_its_mismatched_dev_set_apart(tmp_path):
+    header = "index\tpromptID\tpairID\tgenre\ts1bp\ts2bp\ts1p\ts2p\tsentence1\tsentence2\tlabel1\tgold_label"
+    labels = ("entailment", "neutral", "contradiction")
+
+    def rows(n, tag):
+        return [header, *(f"{i}\t1\t1\tfiction\t-\t-\t-\t-\t{tag} premise {i}\t{tag} hypothesis {i}\t-\t{labels[i % 3]}"
+                          for i in range(n))]
+
+    write(tmp_path / "train.tsv", rows(40, "train"))
+    write(tmp_path / "dev_matched.tsv", rows(9, "matched"))
+    write(tmp_path / "dev_mismatched.tsv", rows(12, "mismatched"))
+    splits = load_splits(task_data("mnli", tmp_path), seed=0)
+    assert splits.sizes() == {"train": 20, "quiz": 5, "validation": 9, "test": 5, "validation_mismatched": 12}
+    mismatched = splits.extra["mismatched"]
+    assert mismatched.texts[0] == "mismatched premise 0" and mismatched.labels[:3] == [0, 1, 2]
+    assert all(t.startswith("matched") for t in splits.validation.texts)
