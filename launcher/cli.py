@@ -112,6 +112,10 @@ def format_plan(plan) -> str:
                       + "".join(f" {a.get(k, '-')!s:<10}" for k in extra)).rstrip())
     reasons = Counter(reason for _, reason in plan.dropped)
     lines += [f"  dropped {n} combination(s) {reason}" for reason, n in sorted(reasons.items())]
+    if plan.search:
+        from launcher.search import format_search
+
+        lines += format_search(plan)
     return "\n".join(lines)
 
 

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from launcher.spec import Plan, Trial
 
 ROLE, SWEEP, TRIAL_ID = "metadistil.role", "metadistil.sweep", "metadistil.trial_id"
+PHASE = "metadistil.phase"  # search or confirm: the stage of a sweep with a search section that ran the trial
 CONFIG_HASH, PREVIOUS_HASH = "metadistil.config_hash", "metadistil.previous_config_hash"
 NODE = "metadistil.ray_node"  # the Ray node a trial ran on (its latest attempt's), set by the trial itself
 RUN_NAME = "mlflow.runName"  # MLflow's tag for the run name (mlflow/utils/mlflow_tags.py)
@@ -30,14 +31,24 @@ _SEP = " · "
 
 def trial_id(combo: dict[str, Any]) -> str:
     """The id of a combination of axis values (and grid.extra keys), e.g. ``kd__bert__distil__w0__clean__s1``."""
+    return "__".join(_id_parts(combo, with_seed=True))
+
+
+def cell_id(combo: dict[str, Any]) -> str:
+    """The id of the combination's cell, the trial id without the seed (``kd__bert__distil__w0__clean``): what a
+    search varies values within and then confirms on several seeds."""
+    return "__".join(_id_parts(combo, with_seed=False))
+
+
+def _id_parts(combo: dict[str, Any], with_seed: bool) -> list[str]:
     from launcher.spec import AXES  # spec imports this module
 
     parts = [combo["algorithm"], combo.get("teacher_set") or "none", combo["student"], f"w{combo['warmup']:g}",
-             combo["noise"], f"s{combo['seed']}"]
+             combo["noise"], *([f"s{combo['seed']}"] if with_seed else [])]
     if combo.get("workers", 1) != 1:
         parts.append(f"x{combo['workers']}")
     parts += [f"{k}={combo[k]}" for k in sorted(combo) if k not in AXES]
-    return "__".join(str(p) for p in parts)
+    return [str(p) for p in parts]
 
 
 @dataclass(frozen=True)
