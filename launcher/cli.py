@@ -73,6 +73,8 @@ def _sweep(args: argparse.Namespace) -> int:
     print(f"sweep {spec.name}: {len(result.finished)} trials ran, {len(result.skipped)} already finished, "
           f"{len(result.failed)} failed; MLflow parent run {result.parent_run_id} at {redact_uri(result.tracking_uri)}")
     print(f"  its runs in the MLflow UI: {result.runs_view}")
+    if result.stopped:
+        print(f"  {len(result.stopped)} search trials stopped early by ASHA (finished, with their last evaluation)")
     if result.replaced:
         print(f"  ran again because their config changed since their earlier run (now deleted in MLflow, "
               f"restorable): {', '.join(result.replaced)}")

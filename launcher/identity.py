@@ -26,7 +26,7 @@ RUN_NAME = "mlflow.runName"  # MLflow's tag for the run name (mlflow/utils/mlflo
 EXTRA = "grid."  # tag prefix of the values of grid.extra keys
 OFF = "off"  # the noise tag of a setting without noise, whatever the spec calls it
 NAME_LIMIT = 60
-_SEP = " · "
+SEP = " · "
 
 
 def trial_id(combo: dict[str, Any]) -> str:
@@ -137,6 +137,12 @@ class TrialIdentity:
         return parts
 
 
+    def cell_name(self) -> str:
+        """The run name of the trial's cell (a search's cell run): its compact name parts but the seed."""
+        parts = self.name_parts(compact=True)
+        return SEP.join(parts[:-1] if self.seed is not None else parts)
+
+
 def of_plan(plan: Plan) -> dict[str, TrialIdentity]:
     """Every run of the plan by trial id: the teachers' fine-tuning first, then the grid's trials."""
     return {t.id: TrialIdentity.of_trial(plan, t) for t in [*plan.teacher_trials.values(), *plan.trials]}
@@ -151,7 +157,7 @@ def run_names(identities: Iterable[TrialIdentity], limit: int = NAME_LIMIT) -> d
     length = 4
     while clashes := _clashes(names):
         for tid in clashes:
-            suffix = _SEP + digest(tid, length)
+            suffix = SEP + digest(tid, length)
             names[tid] = _name(by_id[tid], limit - len(suffix)) + suffix
         length += 2
     return names
@@ -163,7 +169,7 @@ def _clashes(names: dict[str, str]) -> list[str]:
 
 
 def _name(identity: TrialIdentity, limit: int) -> str:
-    full = _SEP.join(identity.name_parts())
+    full = SEP.join(identity.name_parts())
     return full if len(full) <= limit else _fit(identity.name_parts(compact=True), limit)
 
 
@@ -174,7 +180,7 @@ def _fit(parts: list[str], limit: int) -> str:
     sizes = [len(p) for p in parts]
 
     def joined() -> str:
-        return _SEP.join(p if len(p) <= n else p[: n - 1] + "…" for p, n in zip(parts, sizes))
+        return SEP.join(p if len(p) <= n else p[: n - 1] + "…" for p, n in zip(parts, sizes))
 
     while len(joined()) > limit and max(sizes[1:]) > 4:
         longest = max(range(1, len(sizes)), key=sizes.__getitem__)
