@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args
 
 import numpy as np
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from launcher.identity import cell_id
 from launcher.spec_checks import check_no_repeats
@@ -120,8 +120,9 @@ class SchedulerSpec(_Section):
 
 
 class SearchSpec(_Section):
-    space: dict[str, str | SpaceEntry] = Field(..., min_length=1, description="Dotted trial key -> distribution "
-                                                "(or {algorithms, dist}).")
+    # entries are read by distributions(), which names the key in one line (a union's errors would be two)
+    space: dict[str, Any] = Field(..., min_length=1, description="Dotted trial key -> distribution (or {algorithms, "
+                                  "dist}).")
     num_samples: int = Field(..., ge=1, description="Search trials per cell.")
     metric: str | None = Field(None, description="What ASHA and the choice rank by: val_<m> or best_val_<m>; null "
                                "= val_<the task's main metric>. Higher is better.")
@@ -135,12 +136,17 @@ class SearchSpec(_Section):
             problem = _key_problem(key)
             if problem:
                 raise ValueError(f"{where}: {problem}")
-            text, algorithms = (entry.dist, tuple(entry.algorithms)) if isinstance(entry, SpaceEntry) else (entry,
-                                                                                                            None)
             try:
-                dist = parse_distribution(text)
+                given = SpaceEntry.model_validate(entry) if isinstance(entry, dict) else None
+                dist = parse_distribution(given.dist if given else entry)
+            except ValidationError as err:
+                first = err.errors()[0]
+                message = first["msg"].removeprefix("Value error, ")
+                raise ValueError(f"{where}.{'.'.join(map(str, first['loc']))}: {message} (a restricted key is "
+                                 "{algorithms: [...], dist: ...})") from None
             except (ValueError, ConfigError) as err:
                 raise ValueError(f"{where}: {err}") from None
+            algorithms = tuple(given.algorithms) if given else None
             unread = [a for a in algorithms or () if not _reads(a, key)]
             if unread:
                 raise ValueError(f"{where}: {', '.join(unread)} does not read {key.partition('.')[0]}.* keys; "

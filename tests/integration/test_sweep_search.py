@@ -3,6 +3,8 @@ the confirm runs only, and a --resume that reruns nothing."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -37,8 +39,12 @@ def spec_file(tmp_path, model_dirs):
         "teacher_sets": {"bert": ["bert"]},
         "students": {"distil": {"name": model_dirs["distilbert"], "label": "DistilBERT"}},
         "grid": {"algorithm": ["finetune", "kd"], "seed": [1]},
-        "search": {"space": {"optim.lr": "loguniform(1e-6, 3e-2)", "distill.alpha": "uniform(0.2, 0.8)"},
-                   "num_samples": 3, "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2}},
+        # Students this small score as a constant predictor after 6 steps: the finetune cell also draws validation
+        # sizes, whose class balance differs (sample 0: 32 examples, 0.5625 positive; sample 1: 64, 0.53125), so that
+        # ASHA has a worse second sample to stop at its first evaluation.
+        "search": {"space": {"optim.lr": "loguniform(1e-6, 3e-2)", "distill.alpha": "uniform(0.2, 0.8)",
+                             "data.validation_size": {"algorithms": ["finetune"], "dist": "choice(16, 32, 64)"}},
+                   "num_samples": 2, "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2}},
         "confirm": {"seeds": [1, 2]},
         "resources": {"cpus": 1}, "max_concurrent_trials": 1, "max_failures": 0,
         "storage_path": str(tmp_path / "storage"),
@@ -57,9 +63,10 @@ def all_runs(uri):
 
 def test_search_then_confirm_then_resume(tmp_path, model_dirs, local_ray):
     plan = expand(*load_spec(spec_file(tmp_path, model_dirs)))
-    assert (len(plan.search.trials), len(plan.trials)) == (6, 4)
+    assert (len(plan.search.trials), len(plan.trials)) == (4, 4)
     first = run_sweep(plan, verbose=0)
-    assert first.failed == {} and len(first.finished) == 10
+    assert first.failed == {} and len(first.finished) == 8
+    assert "finetune__none__distil__w0__off__search1" in first.stopped  # (KD's lr draws may stop one too)
 
     found = all_runs(first.tracking_uri)
     cells = {r.data.tags[CELL_ID]: r for r in found if r.data.tags.get(runs.ROLE) == "cell"}
@@ -75,7 +82,7 @@ def test_search_then_confirm_then_resume(tmp_path, model_dirs, local_ray):
         # a trial ASHA stopped ended cleanly, without the test score only the end of a trial logs
         assert all((r.data.tags.get(STOPPED_EARLY) == "true") == ("test_accuracy" not in r.data.metrics)
                    for r in searched)
-        best = max(range(3), key=lambda i: (searched[i].data.metrics["best_val_accuracy"], -i))
+        best = max(range(2), key=lambda i: (searched[i].data.metrics["best_val_accuracy"], -i))
         assert cell_run.data.tags[CHOSEN_TRIAL] == cell.trials[best].id
         chosen = cell.samples[best]
         assert dict(cell_run.data.params) == {f"chosen.{k}": str(v) for k, v in chosen.items()}
@@ -87,6 +94,11 @@ def test_search_then_confirm_then_resume(tmp_path, model_dirs, local_ray):
             assert run.data.params["seed"] == str(confirm.config.seed)
     assert sorted(cell.id for cell in plan.search.cells if "distill.alpha" in cell.space) == \
         ["kd__bert__distil__w0__off"]
+    assert sorted(first.stopped) == sorted(t for t, r in trials.items() if r.data.tags.get(STOPPED_EARLY) == "true")
+    stopped = trials["finetune__none__distil__w0__off__search1"]
+    assert stopped.data.metrics["best_val_accuracy"] == 0.53125 and "error" not in stopped.data.tags
+    assert not (Path(plan.search.cells[0].trials[1].config.output.dir) / "checkpoint").exists()
+    assert cells["finetune__none__distil__w0__off"].data.tags[CHOSEN_TRIAL].endswith("__search0")
 
     report = build_report(first.tracking_uri, "searched", tmp_path / "report", attach=False)
     assert sorted(r["n_seeds"] for r in report.rows) == [2, 2]  # two cells, each from its two confirm runs

@@ -138,6 +138,11 @@ def test_confirm_seeds_default_to_the_grid_seeds(tmp_path):
                                                            "valid loguniform; allowed: loguniform(a, b) with 0 < a")),
     ({"search.space": {"distill.alpha": {"algorithms": ["finetune"], "dist": "uniform(0.1, 0.2)"}}},
      "search.space.distill.alpha: finetune does not read distill.* keys"),
+    ({"search.space": {"optim.lr": 0.1}}, "search.space.optim.lr: 0.1 is not a distribution; allowed: loguniform"),
+    ({"search.space": {"optim.lr": {"dist": "uniform(1, 2)"}}},
+     "search.space.optim.lr.algorithms: Field required (a restricted key is {algorithms: [...], dist: ...})"),
+    ({"search.space": {"optim.lr": {"algorithms": ["kdx"], "dist": "uniform(1, 2)"}}},
+     "search.space.optim.lr.algorithms.0: Input should be 'finetune', 'kd' or 'metadistil'"),
     ({"search": None}, "confirm: needs a search section (it runs the values a search chose)"),
     ({"search.metric": "val_f1"}, ("search.metric: the trials of cell finetune__none__distil__w0__off (task none) "
                                   "never report 'val_f1'; allowed: val_accuracy, best_val_accuracy")),
