@@ -167,10 +167,17 @@ def check_search(spec: SweepSpec) -> None:
                          "confirm")
     if spec.search is None:
         return
+    from launcher.spec import TEACHER_DATA  # spec imports this module
+
     space = spec.search.distributions()
     both = [k for k in space if k in spec.grid.extra]
     if both:
         raise ValueError(f"search.space.{both[0]}: is a grid.extra axis too; give it in one place")
+    # the teachers a sweep fine-tunes are fine-tuned per value of these, which a draw cannot ask for
+    data = [k for k in space if k in TEACHER_DATA]
+    if data:
+        raise ValueError(f"search.space.{data[0]}: says which data the cell's teachers learn; give it as a grid.extra "
+                         "axis")
     if spec.confirm:
         check_no_repeats("confirm.seeds", spec.confirm.seeds)
 

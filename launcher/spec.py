@@ -4,7 +4,8 @@ Axes: teacher sets, students, warm-up epochs, noise settings, algorithms, seeds,
 Combinations that mean nothing are dropped by rule: an algorithm without teachers (trainer/registry.py) takes no
 teacher set, and warm-up and noise variants apply to distillation only. ``include`` adds combinations, ``exclude``
 removes them. Names and values that become folder names, repeated values and the storage folder are checked by
-``launcher.spec_checks``.
+``launcher.spec_checks``. A ``search`` section (``launcher.search``) turns each cell of the grid into search trials
+and confirm trials.
 """
 
 from __future__ import annotations

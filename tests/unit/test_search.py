@@ -150,6 +150,8 @@ def test_confirm_seeds_default_to_the_grid_seeds(tmp_path):
     ({"search.num_samples": 0}, "search.num_samples: Input should be greater than or equal to 1"),
     ({"confirm": {"seeds": [1, 1]}}, "confirm.seeds: 1 is given more than once"),
     ({"grid.extra": {"optim.lr": [1e-4]}}, "search.space.optim.lr: is a grid.extra axis too"),
+    ({"search.space": {"data.task": "choice(cola, rte)"}},
+     "search.space.data.task: says which data the cell's teachers learn; give it as a grid.extra axis"),
     # the update that reuses the first-order gradient cannot meet double_backward, in the base or in the draws
     ({"base.metadistil.update": "lagged",
       "search.space": {"metadistil.meta_gradient": "choice(forward_ad, double_backward)"}},
