@@ -103,6 +103,10 @@ def format_plan(plan) -> str:
     for t in plan.teacher_trials.values():
         state = "cached" if teacher_cached(t) else "to fine-tune"
         lines.append(f"  teacher  {t.id:<40} {t.config.student.name} -> {t.config.output.dir} ({state})")
+    if plan.search:  # the table's trials are then the confirm trials
+        from launcher.search import format_search
+
+        lines += format_search(plan)
     extra = list(plan.spec.grid.extra)  # grid.extra keys: a column each, headed by the key's last part
     header = (f"  {'#':>3} {'algorithm':<10} {'teachers':<22} {'student':<12} {'warmup':>6} {'noise':<10} "
               f"{'seed':>5} {'workers':>7}" + "".join(f" {k.rpartition('.')[2]:<10}" for k in extra))
@@ -114,10 +118,6 @@ def format_plan(plan) -> str:
                       + "".join(f" {a.get(k, '-')!s:<10}" for k in extra)).rstrip())
     reasons = Counter(reason for _, reason in plan.dropped)
     lines += [f"  dropped {n} combination(s) {reason}" for reason, n in sorted(reasons.items())]
-    if plan.search:
-        from launcher.search import format_search
-
-        lines += format_search(plan)
     return "\n".join(lines)
 
 

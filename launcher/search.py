@@ -329,4 +329,4 @@ def format_search(plan: Plan) -> list[str]:
                      + f", confirm seeds {', '.join(str(t.config.seed) for t in cell.confirm)}")
         lines += [f"    search{i}: " + ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
                                                  for k, v in values.items()) for i, values in enumerate(cell.samples)]
-    return lines
+    return [*lines, "  confirm trials (each cell's searched keys chosen by search):"]
