@@ -12,6 +12,8 @@ from launcher.identity import PHASE, ROLE, SWEEP, TRIAL_ID
 from launcher.report import build_report
 from launcher.search_stage import CHOSEN_TRIAL, STOPPED_EARLY, best_sample, end_stopped, record_choice
 from launcher.spec import expand, load_spec
+from launcher.tracking import param_values
+from trainer.config import flatten
 
 SPEC = {
     "name": "unit",
@@ -41,12 +43,14 @@ def store(tmp_path):
     return client, client.create_experiment("metadistil", (tmp_path / "artifacts").as_uri())
 
 
-def run(store, tags, metrics=None, status="FINISHED", parent=None):
-    from mlflow.entities import Metric
+def run(store, tags, metrics=None, status="FINISHED", parent=None, params=None):
+    from mlflow.entities import Metric, Param
 
     client, exp = store
     run_id = client.create_run(exp, tags={**tags, **({"mlflow.parentRunId": parent} if parent else {})}).info.run_id
     client.log_batch(run_id, metrics=[Metric(k, v, 0, 0) for k, v in (metrics or {}).items()])
+    for start in range(0, len(params or {}), 100):  # a trial's config params, logged as its MLflowLogger does
+        client.log_batch(run_id, params=[Param(k, v) for k, v in list((params or {}).items())[start:start + 100]])
     if status != "RUNNING":
         client.set_terminated(run_id, status)
     return run_id
@@ -129,3 +133,51 @@ def test_table_1_is_built_from_the_confirm_runs_only(store, tmp_path):
     report = build_report(f"sqlite:///{tmp_path / 'mlflow.db'}", "unit", tmp_path / "report", attach=False)
     (row,) = report.rows
     assert row["n_seeds"] == 2 and row["score_mean"] == pytest.approx(85.0) and row["by_seed"] == {1: 80.0, 2: 90.0}
+
+
+def test_run_search_chooses_per_cell_and_a_resume_runs_nothing(plan, store, tmp_path):
+    """The stage's bookkeeping without Ray: a fake Tune stage logs each search trial's run the way a trial does."""
+    from launcher.search_stage import run_search
+
+    client, _ = store
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    parent = run(store, {SWEEP: "unit", ROLE: "sweep"}, status="RUNNING")
+    calls = []
+
+    def stage(name, trials, common, scheduler):
+        calls.append((name, [t.id for t in trials], scheduler))
+        for i, trial in enumerate(trials):  # sample 1 scores best, sample 2 is stopped early (left RUNNING)
+            run(store, {TRIAL_ID: trial.id, ROLE: "trial", PHASE: "search"}, {"best_val_accuracy": (.5, .8, .6)[i]},
+                status="RUNNING" if i == 2 else "FINISHED", parent=common["parent"],
+                params=param_values(flatten(trial.config)))
+        return {}
+
+    common = {"uri": uri, "experiment": "metadistil", "parent": parent}
+    (cell,) = plan.search.cells
+    out = run_search(plan, common, resume=False, run_stage=stage)
+    assert calls == [(f"search-{cell.id}", [t.id for t in cell.trials], None)]  # no scheduler asked for
+    assert out.chosen == {cell.id: cell.trials[1].id} and out.stopped == [cell.trials[2].id]
+    assert out.ran == [t.id for t in cell.trials] and out.failed == {}
+    assert [(t.id, t.phase, t.config.seed, t.config.optim.lr) for t in out.confirm] == \
+        [(f"{cell.id}__s{s}", "confirm", s, cell.samples[1]["optim.lr"]) for s in (1, 2)]
+    (cell_run,) = client.search_runs([store[1]], f"tags.`{ROLE}` = 'cell'")
+    assert cell_run.data.tags["mlflow.parentRunId"] == parent and cell_run.data.tags[CHOSEN_TRIAL] == cell.trials[1].id
+
+    again = run_search(plan, common, resume=True, run_stage=stage)
+    assert calls[-1] == (f"search-{cell.id}", [], None)  # every search trial finished: nothing to run
+    assert again.chosen == out.chosen and sorted(again.skipped) == sorted(out.ran) and again.ran == []
+    assert [t.config for t in again.confirm] == [t.config for t in out.confirm]
+    assert len(client.search_runs([store[1]], f"tags.`{ROLE}` = 'cell'")) == 1
+
+
+def test_a_cell_without_a_scored_search_trial_confirms_nothing(plan, store, tmp_path):
+    from launcher.search_stage import run_search
+
+    parent = run(store, {SWEEP: "unit", ROLE: "sweep"}, status="RUNNING")
+    (cell,) = plan.search.cells
+    out = run_search(plan, {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "metadistil",
+                            "parent": parent}, resume=False,
+                     run_stage=lambda name, trials, common, scheduler: {t.id: "OOM" for t in trials})
+    assert out.confirm == [] and out.chosen == {}
+    assert out.failed == {**{t.id: "OOM" for t in cell.trials},
+                          cell.id: "no search trial of the cell has best_val_accuracy; its confirm trials did not run"}
