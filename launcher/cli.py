@@ -78,6 +78,8 @@ def _sweep(args: argparse.Namespace) -> int:
     print(f"sweep {spec.name}: {len(result.finished)} trials ran, {len(result.skipped)} already finished, "
           f"{len(result.failed)} failed; MLflow parent run {result.parent_run_id} at {redact_uri(result.tracking_uri)}")
     print(f"  its runs in the MLflow UI: {result.runs_view}")
+    if result.stopped:
+        print(f"  {len(result.stopped)} search trials stopped early by ASHA (finished, with their last evaluation)")
     if result.replaced:
         print(f"  ran again because their config changed since their earlier run (now deleted in MLflow, "
               f"restorable): {', '.join(result.replaced)}")
@@ -120,6 +122,10 @@ def format_plan(plan) -> str:
     for t in plan.teacher_trials.values():
         state = "cached" if teacher_cached(t) else "to fine-tune"
         lines.append(f"  teacher  {t.id:<40} {t.config.student.name} -> {t.config.output.dir} ({state})")
+    if plan.search:  # the table's trials are then the confirm trials
+        from launcher.search import format_search
+
+        lines += format_search(plan)
     extra = list(plan.spec.grid.extra)  # grid.extra keys: a column each, headed by the key's last part
     header = (f"  {'#':>3} {'algorithm':<10} {'teachers':<22} {'student':<12} {'warmup':>6} {'noise':<10} "
               f"{'seed':>5} {'workers':>7}" + "".join(f" {k.rpartition('.')[2]:<10}" for k in extra))

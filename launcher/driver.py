@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from launcher import runs
-from launcher.identity import NODE, RUN_NAME, TrialIdentity, of_plan, run_names
+from launcher.identity import NODE, PHASE, RUN_NAME, SEP, TrialIdentity, of_plan, run_names
 from launcher.spec import Plan, Trial
 from launcher.spec_checks import prepare_storage
 from launcher.tracking import local_store, resolve_tracking
@@ -52,13 +52,18 @@ class SweepResult:
     best: dict[str, tuple[str, str]] = field(default_factory=dict)
     phases: dict[str, float] = field(default_factory=dict)  # wall seconds: startup, data preparation, training
     runs_view: str = ""  # where the MLflow UI shows the sweep's runs (runs.runs_view)
+    stopped: list[str] = field(default_factory=list)  # search trials ASHA stopped early (also in finished)
 
 
 def trial_tags(plan: Plan, trial: Trial) -> dict[str, str]:
     """The tags of a trial's MLflow run: its identity, its run name (short and unique in the sweep, so names of the
-    whole plan are made together) and MLflow's source tags."""
+    whole plan are made together; a search trial's is its cell's and its sample), its phase in a sweep with a search,
+    and MLflow's source tags."""
+    identity = TrialIdentity.of_trial(plan, trial)
     names = run_names(of_plan(plan).values())
-    return {**TrialIdentity.of_trial(plan, trial).to_tags(), RUN_NAME: names[trial.id], **runs.source_tags()}
+    name = names.get(trial.id) or f"{identity.cell_name()}{SEP}{trial.id.rpartition('__')[2]}"
+    return {**identity.to_tags(), RUN_NAME: name, **({PHASE: trial.phase} if trial.phase else {}),
+            **runs.source_tags()}
 
 
 def run_sweep(plan: Plan, resume: bool = False, verbose: int = 1) -> SweepResult:
@@ -76,8 +81,10 @@ def run_sweep(plan: Plan, resume: bool = False, verbose: int = 1) -> SweepResult
     prepare_storage(plan.spec.storage_path)  # an unwritable storage fails here, before any MLflow run and Ray
     uri, experiment = tracking.uri, tracking.experiment
     parent = runs.parent_run(uri, experiment, plan.spec.name, plan.config_hash, resume)
-    everything = [*plan.teacher_trials.values(), *plan.trials]
-    done, replaced = runs.reconcile_trials(uri, experiment, parent, {t.id: t.config for t in everything}) \
+    everything = [*plan.teacher_trials.values(), *(plan.search.trials if plan.search else []), *plan.trials]
+    # confirm trials have their configs once the search chose: reconciled then (search trials: under their cells)
+    known = [*plan.teacher_trials.values(), *([] if plan.search else plan.trials)]
+    done, replaced = runs.reconcile_trials(uri, experiment, parent, {t.id: t.config for t in known}) \
         if resume else (set(), [])
     _init_ray()
     lap("startup")
@@ -97,13 +104,28 @@ def run_sweep(plan: Plan, resume: bool = False, verbose: int = 1) -> SweepResult
     if failed:
         runs.end_parent(uri, parent, len(failed), phases)
         raise RuntimeError(f"teacher fine-tuning failed, no student trial was started: {failed}")
-    pending = [t for t in plan.trials if t.id not in done]
+    trials, searched = plan.trials, None
+    if plan.search:
+        from launcher.search_stage import run_search
+
+        searched = run_search(plan, common, resume, partial(_run_stage, plan, verbose=verbose))
+        failed.update(searched.failed)
+        trials = searched.confirm
+        if resume:
+            confirmed, changed = runs.reconcile_trials(uri, experiment, parent, {t.id: t.config for t in trials})
+            done, replaced = done | confirmed, replaced + changed
+        lap("search")
+    pending = [t for t in trials if t.id not in done]
     failed.update(_run_stage(plan, "trials", pending, common, verbose))
     lap("trial_training")
     best = _register_best_students(plan, uri, experiment, parent)
     runs.end_parent(uri, parent, len(failed), phases)
-    ran = [t.id for t in [*teachers, *pending] if t.id not in failed]
-    return SweepResult(parent, uri, ran, failed, sorted(done), replaced, best, phases, runs.runs_view(uri, parent))
+    ran = [t.id for t in teachers if t.id not in failed] + (searched.ran if searched else []) + \
+        [t.id for t in pending if t.id not in failed]
+    if searched:
+        done, replaced = done | set(searched.skipped), sorted(replaced + searched.replaced)
+    return SweepResult(parent, uri, ran, failed, sorted(done), replaced, best, phases, runs.runs_view(uri, parent),
+                       searched.stopped if searched else [])
 
 
 def _register_best_students(plan: Plan, uri: str, experiment: str, parent: str) -> dict[str, tuple[str, str]]:
@@ -147,8 +169,10 @@ def _init_ray() -> None:
     ray.init(log_to_driver=True)  # joins RAY_ADDRESS (a cluster, or inside `ray job submit`) or starts a local Ray
 
 
-def _run_stage(plan: Plan, stage: str, trials: list[Trial], common: dict[str, Any], verbose: int) -> dict[str, str]:
-    """Run trials as one Tune grid; return {trial id: error} of those that failed after their retries."""
+def _run_stage(plan: Plan, stage: str, trials: list[Trial], common: dict[str, Any], verbose: int,
+               scheduler=None) -> dict[str, str]:
+    """Run trials as one Tune grid (under ``scheduler``, e.g. a search's ASHA); return {trial id: error} of those that
+    failed after their retries."""
     if not trials:
         return {}
     from ray import tune
@@ -180,7 +204,7 @@ def _run_stage(plan: Plan, stage: str, trials: list[Trial], common: dict[str, An
     tuner = tune.Tuner(
         tune.with_resources(tune.with_parameters(tune_trial, params_by_id=by_id), resources),
         param_space={"trial_id": tune.grid_search(list(by_id)), **axes},
-        tune_config=tune.TuneConfig(max_concurrent_trials=spec.max_concurrent_trials,
+        tune_config=tune.TuneConfig(max_concurrent_trials=spec.max_concurrent_trials, scheduler=scheduler,
                                     trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
         run_config=tune.RunConfig(name=f"{spec.name}-{stage}", storage_path=storage, verbose=verbose,
                                   progress_reporter=reporter,
@@ -264,6 +288,13 @@ def _run_worker(p: dict[str, Any], report, main: bool = True) -> None:
                                     run_id=existing))
     # The checkpoint lives with the trial's outputs (shared storage on a cluster): a retry on another node, or a
     # resumed sweep, continues from the last evaluation.
+    evaluated: dict[str, float] = {}
+
+    def on_eval(step: int, metrics: dict[str, float]) -> None:
+        evaluated.update(metrics)
+        report({**metrics, "step": step})
+
     result = run_trial(cfg, loggers, progress=False, checkpoint_dir=Path(cfg.output.dir) / "checkpoint", name=p["id"],
-                       on_eval=lambda step, metrics: report({**metrics, "step": step}))
-    report({**result.metrics, "step": result.metrics["warmup_steps"] + result.metrics["train_steps"]})
+                       on_eval=on_eval)
+    # the last evaluation's val_* too: a scheduler's metric (a search's ASHA) must be in every report
+    report({**evaluated, **result.metrics, "step": result.metrics["warmup_steps"] + result.metrics["train_steps"]})

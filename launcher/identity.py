@@ -19,25 +19,36 @@ if TYPE_CHECKING:
     from launcher.spec import Plan, Trial
 
 ROLE, SWEEP, TRIAL_ID = "metadistil.role", "metadistil.sweep", "metadistil.trial_id"
+PHASE = "metadistil.phase"  # search or confirm: the stage of a sweep with a search section that ran the trial
 CONFIG_HASH, PREVIOUS_HASH = "metadistil.config_hash", "metadistil.previous_config_hash"
 NODE = "metadistil.ray_node"  # the Ray node a trial ran on (its latest attempt's), set by the trial itself
 RUN_NAME = "mlflow.runName"  # MLflow's tag for the run name (mlflow/utils/mlflow_tags.py)
 EXTRA = "grid."  # tag prefix of the values of grid.extra keys
 OFF = "off"  # the noise tag of a setting without noise, whatever the spec calls it
 NAME_LIMIT = 60
-_SEP = " · "
+SEP = " · "
 
 
 def trial_id(combo: dict[str, Any]) -> str:
     """The id of a combination of axis values (and grid.extra keys), e.g. ``kd__bert__distil__w0__clean__s1``."""
+    return "__".join(_id_parts(combo, with_seed=True))
+
+
+def cell_id(combo: dict[str, Any]) -> str:
+    """The id of the combination's cell, the trial id without the seed (``kd__bert__distil__w0__clean``): what a
+    search varies values within and then confirms on several seeds."""
+    return "__".join(_id_parts(combo, with_seed=False))
+
+
+def _id_parts(combo: dict[str, Any], with_seed: bool) -> list[str]:
     from launcher.spec import AXES  # spec imports this module
 
     parts = [combo["algorithm"], combo.get("teacher_set") or "none", combo["student"], f"w{combo['warmup']:g}",
-             combo["noise"], f"s{combo['seed']}"]
+             combo["noise"], *([f"s{combo['seed']}"] if with_seed else [])]
     if combo.get("workers", 1) != 1:
         parts.append(f"x{combo['workers']}")
     parts += [f"{k}={combo[k]}" for k in sorted(combo) if k not in AXES]
-    return "__".join(str(p) for p in parts)
+    return [str(p) for p in parts]
 
 
 @dataclass(frozen=True)
@@ -126,6 +137,12 @@ class TrialIdentity:
         return parts
 
 
+    def cell_name(self) -> str:
+        """The run name of the trial's cell (a search's cell run): its compact name parts but the seed."""
+        parts = self.name_parts(compact=True)
+        return SEP.join(parts[:-1] if self.seed is not None else parts)
+
+
 def of_plan(plan: Plan) -> dict[str, TrialIdentity]:
     """Every run of the plan by trial id: the teachers' fine-tuning first, then the grid's trials."""
     return {t.id: TrialIdentity.of_trial(plan, t) for t in [*plan.teacher_trials.values(), *plan.trials]}
@@ -140,7 +157,7 @@ def run_names(identities: Iterable[TrialIdentity], limit: int = NAME_LIMIT) -> d
     length = 4
     while clashes := _clashes(names):
         for tid in clashes:
-            suffix = _SEP + digest(tid, length)
+            suffix = SEP + digest(tid, length)
             names[tid] = _name(by_id[tid], limit - len(suffix)) + suffix
         length += 2
     return names
@@ -152,7 +169,7 @@ def _clashes(names: dict[str, str]) -> list[str]:
 
 
 def _name(identity: TrialIdentity, limit: int) -> str:
-    full = _SEP.join(identity.name_parts())
+    full = SEP.join(identity.name_parts())
     return full if len(full) <= limit else _fit(identity.name_parts(compact=True), limit)
 
 
@@ -163,7 +180,7 @@ def _fit(parts: list[str], limit: int) -> str:
     sizes = [len(p) for p in parts]
 
     def joined() -> str:
-        return _SEP.join(p if len(p) <= n else p[: n - 1] + "…" for p, n in zip(parts, sizes))
+        return SEP.join(p if len(p) <= n else p[: n - 1] + "…" for p, n in zip(parts, sizes))
 
     while len(joined()) > limit and max(sizes[1:]) > 4:
         longest = max(range(1, len(sizes)), key=sizes.__getitem__)

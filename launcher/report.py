@@ -45,7 +45,7 @@ from typing import Any, TypeGuard
 
 import numpy as np
 
-from launcher.identity import OFF, ROLE, SWEEP, TrialIdentity
+from launcher.identity import OFF, PHASE, ROLE, SWEEP, TrialIdentity
 from launcher.report_render import CSV_COLUMNS, TEST, chart, cost_chart, markdown, write_csv
 from launcher.significance import compare_cells, confidence_interval
 from launcher.tracking import client as mlflow_client
@@ -210,7 +210,9 @@ def _latest_attempts(runs: list) -> list[_Attempt]:
     by_trial: dict[str, list[_Attempt]] = defaultdict(list)
     for run in runs:
         tags = dict(run.data.tags)
-        if tags.get(ROLE) not in ("teacher", "trial"):
+        # a search's cell runs and search trials are not Table 1's: it is built from the confirm runs (the search
+        # trials sit under their cell runs, and their phase tag keeps them out wherever they are read from)
+        if tags.get(ROLE) not in ("teacher", "trial") or tags.get(PHASE) == "search":
             continue
         outputs = run.outputs.model_outputs if run.outputs else []
         attempt = _Attempt(run.info.run_id, TrialIdentity.from_tags(tags), run.info.status, run.info.start_time or 0,

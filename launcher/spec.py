@@ -4,7 +4,8 @@ Axes: teacher sets, students, warm-up epochs, noise settings, algorithms, seeds,
 Combinations that mean nothing are dropped by rule: an algorithm without teachers (trainer/registry.py) takes no
 teacher set, and warm-up and noise variants apply to distillation only. ``include`` adds combinations, ``exclude``
 removes them. Names and values that become folder names, repeated values and the storage folder are checked by
-``launcher.spec_checks``.
+``launcher.spec_checks``. A ``search`` section (``launcher.search``) turns each cell of the grid into search trials
+and confirm trials.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import itertools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -20,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import ErrorDetails
 
 from launcher.identity import trial_id
+from launcher.search import ConfirmSpec, SearchPlan, SearchSpec, check_search, plan_search
 from launcher.spec_checks import (
     NAME,
     check_extra_axes,
@@ -141,6 +144,10 @@ class SweepSpec(_Section):
     max_failures: int = Field(1, ge=0, description="Retries of a failed trial (from its last checkpoint).")
     storage_path: str = Field("runs/sweeps", min_length=1, description="Sweep results, checkpoints and the teacher "
                               "cache: a local folder; on a cluster a folder every node mounts (NFS, EFS...).")
+    search: SearchSpec | None = Field(None, description="Search each cell's values of some trial keys first "
+                                      "(launcher/search.py); null runs the grid as given.")
+    confirm: ConfirmSpec | None = Field(None, description="The seeds each cell's chosen values run on; null = "
+                                        "grid.seed. Needs search.")
 
     @field_validator("storage_path")
     @classmethod
@@ -154,6 +161,7 @@ class SweepSpec(_Section):
         self._check_teacher_sets()
         self._check_grid()
         self._check_combinations()
+        check_search(self)
         return self
 
     def _check_teacher_sets(self) -> None:
@@ -204,18 +212,21 @@ class Trial:
     config: TrialConfig
     teachers: list[str] = field(default_factory=list)
     workers: int = 1
+    phase: str | None = None  # "search" or "confirm" in a sweep with a search section
 
 
 @dataclass
 class Plan:
     spec: SweepSpec
     teacher_trials: dict[str, Trial]  # trial id -> a teacher's fine-tuning (recipes with finetune only), per task
-    trials: list[Trial]
+    trials: list[Trial]  # with a search: the confirm trials, their searched keys at the base's values until chosen
     dropped: list[tuple[dict[str, Any], str]]  # (combination, reason)
+    search: SearchPlan | None = None
 
     @property
     def config_hash(self) -> str:
-        payload = [t.config.model_dump(mode="json") for t in [*self.teacher_trials.values(), *self.trials]]
+        searched = self.search.trials if self.search else []
+        payload = [t.config.model_dump(mode="json") for t in [*self.teacher_trials.values(), *searched, *self.trials]]
         return digest(payload)
 
 
@@ -305,14 +316,18 @@ def expand(spec: SweepSpec, base: dict[str, Any]) -> Plan:
     teacher_trials = {t.id: t for t in (_teacher_trial(name, recipe, variant, base, storage, spec.resources.workers)
                                         for variant in dict.fromkeys(map(_teacher_variant, kept))
                                         for name, recipe in spec.teachers.items() if recipe.finetune)}
-    trials: dict[str, Trial] = {}
-    for combo in kept:
-        _add(trials, _trial(combo, spec, base, teacher_trials))
     warn_unmatched_excludes(patterns, matched)
-    if not trials:
+    if not kept:
         raise ConfigError(f"exclude: drops all {len(dropped)} combinations of the grid; the sweep would run no trial")
-    check_outputs_inside(storage, {t.id: t.config.output.dir for t in [*teacher_trials.values(), *trials.values()]})
-    return Plan(spec, teacher_trials, list(trials.values()), dropped)
+    search, built = plan_search(spec, kept, partial(_trial, spec=spec, base=base, teacher_trials=teacher_trials)) \
+        if spec.search else (None, [_trial(combo, spec, base, teacher_trials) for combo in kept])
+    trials: dict[str, Trial] = {}
+    for trial in built:
+        _add(trials, trial)
+    searched = search.trials if search else []
+    check_outputs_inside(storage, {t.id: t.config.output.dir
+                                   for t in [*teacher_trials.values(), *searched, *trials.values()]})
+    return Plan(spec, teacher_trials, list(trials.values()), dropped, search)
 
 
 def _add(trials: dict[str, Trial], trial: Trial) -> None:
@@ -343,8 +358,10 @@ def _matches(combo: dict[str, Any], pattern: dict[str, Any]) -> bool:
     return all(combo.get(k) == v for k, v in pattern.items())
 
 
-def _trial(combo: dict[str, Any], spec: SweepSpec, base: dict[str, Any], teacher_trials: dict[str, Trial]) -> Trial:
-    tid = trial_id(combo)
+def _trial(combo: dict[str, Any], spec: SweepSpec, base: dict[str, Any], teacher_trials: dict[str, Trial],
+           searched: dict[str, Any] | None = None, tid: str | None = None) -> Trial:
+    """The combination's trial; a search trial has its drawn values (``searched``) and its own id."""
+    tid = tid or trial_id(combo)
     members = spec.teacher_sets[combo["teacher_set"]] if combo.get("teacher_set") else []
     raw = apply_overrides(base, [])
     raw.update(algorithm=combo["algorithm"], seed=combo["seed"])
@@ -354,7 +371,8 @@ def _trial(combo: dict[str, Any], spec: SweepSpec, base: dict[str, Any], teacher
                        for name in members]
     raw["warmup"] = {"epochs": combo["warmup"]}
     raw["noise"] = spec.noise.get(combo["noise"], NoiseConfig()).model_dump()
-    raw = apply_overrides(raw, [f"{k}={json.dumps(v)}" for k, v in combo.items() if k not in AXES])
+    values = {**{k: v for k, v in combo.items() if k not in AXES}, **(searched or {})}
+    raw = apply_overrides(raw, [f"{k}={json.dumps(v)}" for k, v in values.items()])
     raw.setdefault("output", {})["dir"] = str(Path(spec.storage_path) / spec.name / "trials" / tid)
     raw.setdefault("data", {}).setdefault("token_cache", token_cache_dir(spec.storage_path))
     raw["data"].setdefault("logit_cache", str(Path(spec.storage_path) / "teacher_logits"))

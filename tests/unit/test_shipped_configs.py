@@ -40,7 +40,10 @@ GLUE_SPECS = {"glue_cpu.yaml": ["cola", "mrpc", "rte", "stsb"],  # one teacher p
               "paper_glue.yaml": ["cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte"]}
 
 
-@pytest.mark.parametrize("path", [p for p in SWEEPS if p.name not in {**CELL_SPECS, **GLUE_SPECS}],
+SEARCH_SPECS = {"sst2_search_cpu.yaml"}  # one teacher set; its trials are confirm trials
+
+
+@pytest.mark.parametrize("path", [p for p in SWEEPS if p.name not in {*CELL_SPECS, *GLUE_SPECS, *SEARCH_SPECS}],
                          ids=lambda p: p.name)
 def test_sweep_config_expands(path, monkeypatch):
     monkeypatch.chdir(ROOT)  # paths inside configs are relative to the repository root, where users run them
@@ -133,3 +136,26 @@ def test_glue_sweeps_distil_each_task_from_its_own_teacher(name, tasks, monkeypa
     out = capsys.readouterr().out
     assert f"{len(tasks)} teacher fine-tuning trials, {len(plan.trials)} trials" in out
     assert " task " in out.splitlines()[len(tasks) + 1] and " beta" in out.splitlines()[len(tasks) + 1]
+
+
+def test_the_search_sweep_searches_each_algorithm_and_confirms_on_five_seeds(monkeypatch, capsys):
+    from launcher.cli import main
+
+    monkeypatch.chdir(ROOT)
+    path = ROOT / "configs" / "sweep" / "sst2_search_cpu.yaml"
+    plan, grid = expand(*load_spec(path)), expand(*load_spec(ROOT / "configs" / "sweep" / "sst2_cpu.yaml"))
+    cells = {c.id.partition("__")[0]: c for c in plan.search.cells}
+    assert {k: sorted(c.space) for k, c in cells.items()} == {
+        "finetune": ["optim.lr"], "kd": ["distill.alpha", "distill.temperature", "optim.lr"],
+        "metadistil": ["metadistil.pilot_lr", "metadistil.teacher_lr"]}
+    assert all(len(c.trials) == 10 and [t.config.seed for t in c.confirm] == [1, 2, 3, 4, 5] for c in cells.values())
+    assert all(t.config.optim.max_steps == 80 for t in [*plan.search.trials, *plan.trials])
+    # sst2_cpu's data and teacher: the same fine-tuned teacher (cache folder) serves both sweeps
+    assert plan.teacher_trials["teacher__minilm"].config.output.dir == \
+        grid.teacher_trials["teacher__minilm"].config.output.dir
+    assert plan.trials[0].config.data == grid.trials[0].config.data
+    assert main(["sweep", str(path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert ("search then confirm: 30 search trials + 15 confirm trials (their searched values chosen by search) = 45 "
+            "trials") in out
+    assert "scheduler asha per cell (grace_period 1, reduction_factor 3)" in out
