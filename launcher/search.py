@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from launcher.identity import cell_id
 from launcher.spec_checks import check_no_repeats
+from launcher.teachers import TEACHER_DATA
 from trainer import registry
 from trainer.config import AlgorithmName, ConfigError, TrialConfig, digest, parse_config
 from trainer.overrides import apply_overrides
@@ -167,7 +168,6 @@ def check_search(spec: SweepSpec) -> None:
                          "confirm")
     if spec.search is None:
         return
-    from launcher.spec import TEACHER_DATA  # spec imports this module
 
     space = spec.search.distributions()
     both = [k for k in space if k in spec.grid.extra]

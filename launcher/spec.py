@@ -5,7 +5,7 @@ Combinations that mean nothing are dropped by rule: an algorithm without teacher
 teacher set, and warm-up and noise variants apply to distillation only. ``include`` adds combinations, ``exclude``
 removes them. Names and values that become folder names, repeated values and the storage folder are checked by
 ``launcher.spec_checks``. A ``search`` section (``launcher.search``) turns each cell of the grid into search trials
-and confirm trials.
+and confirm trials; teacher recipes and their fine-tuning trials are ``launcher.teachers``'.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Annotated, Any
@@ -34,51 +34,24 @@ from launcher.spec_checks import (
     refuse_storage_uri,
     warn_unmatched_excludes,
 )
+from launcher.teachers import TeacherRecipe, teacher_model, teacher_trial, teacher_variant
+from launcher.trials import Trial, absolute, check_trial_workers, token_cache_dir, validated
 from trainer import registry
 from trainer.config import (
     AlgorithmName,
     ConfigError,
     NoiseConfig,
     StudentConfig,
-    TrialConfig,
     digest,
-    parse_config,
 )
-from trainer.distributed import check_workers
 from trainer.overrides import apply_overrides
 from trainer.strict_yaml import read_yaml
 
 AXES = ("algorithm", "teacher_set", "student", "warmup", "noise", "seed", "workers")
-# grid.extra keys that change what a teacher learns: a fine-tuned teacher is trained per value (per task, say)
-TEACHER_DATA = ("data.task", "data.path", "data.name", "data.subset")
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
-
-
-class FinetuneRecipe(_Section):
-    model: str = Field(..., min_length=1, description="Model to fine-tune into a teacher (hub id, folder, package:).")
-    seed: int = Field(42, ge=0, description="Seed of the head initialisation and batch order.")
-    train_subset_seed: int | None = Field(None, ge=0, description="Draw the teacher's training examples from the "
-                                          "train pool with this seed (BERT vs BERT2: same model, different subsets); "
-                                          "null trains on the students' own training examples.")
-    overrides: dict[str, Any] = Field(default_factory=dict, description="Dotted trial keys for the fine-tuning "
-                                      "trial, e.g. {optim.lr: 5e-5, optim.max_steps: 500}.")
-
-
-class TeacherRecipe(_Section):
-    checkpoint: str | None = Field(None, description="A ready teacher: hub id, folder or package:<module>.")
-    finetune: FinetuneRecipe | None = Field(None, description="Fine-tune a teacher in the sweep's first stage; "
-                                            "cached by the content of the recipe.")
-    tokenizer: str | None = Field(None, description="Tokenizer, if not the model's own.")
-    label: str | None = Field(None, description="Display name in reports; null uses the teacher's key.")
-
-    @model_validator(mode="after")
-    def _one_source(self) -> TeacherRecipe:
-        if (self.checkpoint is None) == (self.finetune is None):
-            raise ValueError("give exactly one of checkpoint or finetune")
-        return self
 
 
 class GridSpec(_Section):
@@ -206,16 +179,6 @@ class SweepSpec(_Section):
 
 
 @dataclass
-class Trial:
-    id: str
-    axes: dict[str, Any]
-    config: TrialConfig
-    teachers: list[str] = field(default_factory=list)
-    workers: int = 1
-    phase: str | None = None  # "search" or "confirm" in a sweep with a search section
-
-
-@dataclass
 class Plan:
     spec: SweepSpec
     teacher_trials: dict[str, Trial]  # trial id -> a teacher's fine-tuning (recipes with finetune only), per task
@@ -285,12 +248,12 @@ def expand(spec: SweepSpec, base: dict[str, Any]) -> Plan:
     Local paths become absolute: Tune runs each trial in its own working folder, and on a cluster only absolute
     paths on shared storage mean the same thing on every node.
     """
-    spec = spec.model_copy(update={"storage_path": _absolute(spec.storage_path, must_exist=False)})
+    spec = spec.model_copy(update={"storage_path": absolute(spec.storage_path, must_exist=False)})
     storage = Path(spec.storage_path)
     check_storage(storage)
     base = apply_overrides(base, [])
     if base.get("data", {}).get("path"):
-        base["data"]["path"] = _absolute(base["data"]["path"])
+        base["data"]["path"] = absolute(base["data"]["path"])
     g = spec.grid
     # a finetune-only spec needs no teacher set: its one teacher_set value is none
     axes_values: dict[str, list[Any]] = {
@@ -313,8 +276,8 @@ def expand(spec: SweepSpec, base: dict[str, Any]) -> Plan:
             dropped.append((combo, f"excluded by {patterns[hits[0]]}"))
         else:
             kept.append(combo)
-    teacher_trials = {t.id: t for t in (_teacher_trial(name, recipe, variant, base, storage, spec.resources.workers)
-                                        for variant in dict.fromkeys(map(_teacher_variant, kept))
+    teacher_trials = {t.id: t for t in (teacher_trial(name, recipe, variant, base, storage, spec.resources.workers)
+                                        for variant in dict.fromkeys(map(teacher_variant, kept))
                                         for name, recipe in spec.teachers.items() if recipe.finetune)}
     warn_unmatched_excludes(patterns, matched)
     if not kept:
@@ -366,8 +329,8 @@ def _trial(combo: dict[str, Any], spec: SweepSpec, base: dict[str, Any], teacher
     raw = apply_overrides(base, [])
     raw.update(algorithm=combo["algorithm"], seed=combo["seed"])
     raw["student"] = spec.students[combo["student"]].model_dump(exclude_none=True)
-    raw["student"]["name"] = _absolute(raw["student"]["name"])
-    raw["teachers"] = [_teacher_model(name, spec.teachers[name], teacher_trials, _teacher_variant(combo))
+    raw["student"]["name"] = absolute(raw["student"]["name"])
+    raw["teachers"] = [teacher_model(name, spec.teachers[name], teacher_trials, teacher_variant(combo))
                        for name in members]
     raw["warmup"] = {"epochs": combo["warmup"]}
     raw["noise"] = spec.noise.get(combo["noise"], NoiseConfig()).model_dump()
@@ -376,73 +339,8 @@ def _trial(combo: dict[str, Any], spec: SweepSpec, base: dict[str, Any], teacher
     raw.setdefault("output", {})["dir"] = str(Path(spec.storage_path) / spec.name / "trials" / tid)
     raw.setdefault("data", {}).setdefault("token_cache", token_cache_dir(spec.storage_path))
     raw["data"].setdefault("logit_cache", str(Path(spec.storage_path) / "teacher_logits"))
-    config = _validated(raw, tid)
-    _check_workers(config, combo["workers"], tid)
+    config = validated(raw, tid)
+    check_trial_workers(config, combo["workers"], tid)
     return Trial(tid, combo, config, members, combo["workers"])
 
 
-def _teacher_variant(combo: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
-    """The combination's values of grid.extra keys that say which data a teacher learns (TEACHER_DATA): a teacher
-    the sweep fine-tunes is fine-tuned once per variant, e.g. once per GLUE task."""
-    return tuple((k, combo[k]) for k in sorted(combo) if k in TEACHER_DATA)
-
-
-def teacher_trial_id(name: str, variant: tuple[tuple[str, Any], ...] = ()) -> str:
-    return "__".join([f"teacher__{name}", *(f"{k}={v}" for k, v in variant)])
-
-
-def _teacher_model(name: str, recipe: TeacherRecipe, teacher_trials: dict[str, Trial],
-                   variant: tuple[tuple[str, Any], ...]) -> dict[str, Any]:
-    source = _absolute(recipe.checkpoint) if recipe.checkpoint else \
-        str(Path(teacher_trials[teacher_trial_id(name, variant)].config.output.dir) / "student")
-    return {k: v for k, v in {"name": source, "tokenizer": recipe.tokenizer, "label": recipe.label or name}.items()
-            if v is not None}
-
-
-def _teacher_trial(name: str, recipe: TeacherRecipe, variant: tuple[tuple[str, Any], ...], base: dict[str, Any],
-                   storage: Path, workers: int) -> Trial:
-    ft = recipe.finetune
-    assert ft is not None, "expand() passes only recipes with finetune"
-    raw = apply_overrides(base, [f"{k}={json.dumps(v)}" for k, v in variant])
-    for key in ("teachers", "warmup", "noise", "metadistil", "distill"):
-        raw.pop(key, None)
-    raw.update(algorithm="finetune", seed=ft.seed,
-               student={"name": _absolute(ft.model), **({"tokenizer": recipe.tokenizer} if recipe.tokenizer else {}),
-                        "label": recipe.label or name})
-    raw.setdefault("data", {})["train_subset_seed"] = ft.train_subset_seed
-    raw = apply_overrides(raw, [f"{k}={json.dumps(v)}" for k, v in ft.overrides.items()])
-    raw.pop("output", None)
-    raw.pop("tracking", None)
-    raw["output"] = {"dir": str(storage / "teachers" / f"{name}-{digest(raw)}")}
-    raw["data"].setdefault("token_cache", token_cache_dir(storage))
-    tid = teacher_trial_id(name, variant)
-    where = " ".join([f"teachers.{name}", *(f"{k}={v}" for k, v in variant)])
-    config = _validated(raw, where)
-    _check_workers(config, workers, where)
-    return Trial(tid, {"stage": "teacher", "teacher": name, **dict(variant)}, config, workers=workers)
-
-
-def token_cache_dir(storage_path: str | Path) -> str:
-    """One folder per storage path: token ids depend only on the tokenizer and the texts, so sweeps share it."""
-    return str(Path(storage_path) / "tokenized")
-
-
-def _absolute(value: str, must_exist: bool = True) -> str:
-    """An existing local path (or, with must_exist=False, any non-URI path) made absolute; anything else as is."""
-    if "://" in value or value.startswith("package:") or (must_exist and not Path(value).exists()):
-        return value
-    return str(Path(value).resolve())
-
-
-def _check_workers(cfg: TrialConfig, workers: int, where: str) -> None:
-    try:
-        check_workers(cfg, workers)
-    except ConfigError as err:
-        raise ConfigError(f"trial {where} {err}") from None
-
-
-def _validated(raw: dict[str, Any], where: str) -> TrialConfig:
-    try:
-        return parse_config(raw)
-    except ConfigError as err:
-        raise ConfigError(f"trial {where}: {err}") from None
