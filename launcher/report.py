@@ -46,6 +46,7 @@ from typing import Any, TypeGuard
 import numpy as np
 
 from launcher.identity import OFF, PHASE, ROLE, SWEEP, TrialIdentity
+from launcher.report_names import BLOCKS, NOISE, WARMUP, blocks, name_cells
 from launcher.report_render import CSV_COLUMNS, TEST, chart, cost_chart, markdown, write_csv
 from launcher.significance import compare_cells, confidence_interval
 from launcher.tracking import client as mlflow_client
@@ -55,9 +56,6 @@ from trainer.tasks import TITLES, main_metric
 
 PARENT_TAG = "mlflow.parentRunId"
 
-BLOCKS = ("Teachers", "Fine-Tuned Models", "Student Model with KD", "Student Model with MetaDistil",
-          "Student Model with MetaDistil + Additional Teacher", "With Noise", "With Warm-up")
-NOISE, WARMUP = BLOCKS[5:]  # the blocks of distillation with noise, and after a warm-up, whatever the algorithm
 __all__ = ["BLOCKS", "CSV_COLUMNS", "Report", "ReportError", "build_report", "chart", "cost_chart", "sweep_attempts"]
 
 
@@ -113,7 +111,7 @@ class _Attempt:
 
 
 @dataclass
-class _Cell:
+class Cell:
     block: int
     algorithm: str
     teacher_set: str
@@ -127,6 +125,7 @@ class _Cell:
     failed: list[_Attempt] = field(default_factory=list)
     method: str = ""  # the table's name of the row, under its block's header
     label: str = ""  # the chart's, which has no block headers: names the algorithm too
+    named_extras: tuple[str, ...] = ()  # the extras its names show: those that tell it apart (report_names)
 
     @property
     def distills(self) -> bool:
@@ -228,8 +227,8 @@ def _latest_attempts(runs: list) -> list[_Attempt]:
 
 # ---------------------------------------------------------------------------------------------------------- cells
 
-def _cells(attempts: list[_Attempt]) -> list[_Cell]:
-    cells: dict[tuple, _Cell] = {}
+def _cells(attempts: list[_Attempt]) -> list[Cell]:
+    cells: dict[tuple, Cell] = {}
     for a in attempts:
         cell = _cell_of(a)
         key = (cell.block, cell.algorithm, cell.teacher_set, cell.student, cell.warmup, cell.noise, cell.extras,
@@ -239,20 +238,15 @@ def _cells(attempts: list[_Attempt]) -> list[_Cell]:
     ordered = sorted(cells.values(), key=lambda c: (c.block, len(c.teachers), " + ".join(c.teachers).lower(),
                                                     c.student.lower(), c.warmup, c.noise != OFF, c.noise,
                                                     c.algorithm, c.teacher_set, c.extras, c.task or ""))
-    several_tasks = len({c.task for c in ordered}) > 1
-    for c in ordered:
-        c.method, c.label = _method(c), _label(c)
-        if several_tasks:  # the table has a section per task; the chart, one axis for all
-            c.label = f"{TITLES.get(c.task or '', 'no task')} · {c.label}"
-    _disambiguate(ordered)
+    name_cells(ordered)
     return ordered
 
 
-def _cell_of(a: _Attempt) -> _Cell:
+def _cell_of(a: _Attempt) -> Cell:
     i = a.identity
     extras = tuple(f"{key}={value}" for key, value in i.extra if key != "data.task")
     if i.role == "teacher":
-        return _Cell(0, "finetune", "", [], i.student, 0.0, OFF, extras, a.task)
+        return Cell(0, "finetune", "", [], i.student, 0.0, OFF, extras, a.task)
     algorithm, teacher_set, student, warmup, noise = i.algorithm, i.teacher_set or "none", i.student, i.warmup, i.noise
     # a run without a teachers tag: its set's name stands for its teachers
     distilling = algorithm in registry.distilling()
@@ -260,74 +254,19 @@ def _cell_of(a: _Attempt) -> _Cell:
     order = blocks()
     if not distilling:  # finetune-like (or no longer registered): no teachers, warm-up or noise
         block = registry.get(algorithm).block if algorithm in registry.names() else BLOCKS[1]
-        return _Cell(order.index(block), algorithm, teacher_set, [], student, warmup, noise, extras, a.task)
+        return Cell(order.index(block), algorithm, teacher_set, [], student, warmup, noise, extras, a.task)
     if warmup > 0:
         block = WARMUP
     elif noise != OFF:
         block = NOISE
     else:
         block = registry.get(algorithm).report_block(len(teachers))
-    return _Cell(order.index(block), algorithm, teacher_set, teachers, student, warmup, noise, extras, a.task)
-
-
-def blocks() -> tuple[str, ...]:
-    """The report's blocks in order: the paper's, with any block a registered algorithm adds before the noise and
-    warm-up blocks (which mix the distillation algorithms)."""
-    named = [b for spec in map(registry.get, registry.names())
-             for b in (spec.block, spec.several_teachers_block) if b]
-    added = [b for b in dict.fromkeys(named) if b not in BLOCKS]
-    return (*BLOCKS[:5], *added, *BLOCKS[5:])
-
-
-def _method(c: _Cell) -> str:
-    """The table's name, as in the paper's Table 1: "BERT + RoBERTa DistilBERT", under a block header."""
-    if c.block == 0:
-        return c.student
-    name = " ".join([" + ".join(c.teachers), c.student]).strip() + _variant(c)
-    if blocks()[c.block] in (NOISE, WARMUP):  # these blocks mix the distillation algorithms
-        name += f" [{_algorithm_name(c)}]"
-    return name
-
-
-def _label(c: _Cell) -> str:
-    """The chart's name, "KD: BERT + RoBERTa → DistilBERT": without block headers, KD's and MetaDistil's rows of
-    the same teachers and student would read alike."""
-    if c.block == 0:
-        return f"Teacher: {c.student}"
-    models = f"{' + '.join(c.teachers)} → {c.student}" if c.teachers else c.student
-    return f"{_algorithm_name(c)}: {models}{_variant(c)}"
-
-
-def _variant(c: _Cell) -> str:
-    return ((f" (with noise: {c.noise})" if c.noise != OFF else "")
-            + (f" (warm-up {_epochs(c.warmup)})" if c.warmup > 0 else "")
-            + (f" ({', '.join(c.extras)})" if c.extras else ""))
-
-
-def _algorithm_name(c: _Cell) -> str:
-    # MLflow may hold runs of an algorithm that is no longer registered: its name stands for its label
-    return registry.get(c.algorithm).label if c.algorithm in registry.names() else c.algorithm
-
-
-def _disambiguate(cells: list[_Cell]) -> None:
-    """Two cells of a block with the same name (e.g. two teacher sets with the same labels) get the set's name."""
-    seen: dict[tuple[int, str, str | None], list[_Cell]] = defaultdict(list)
-    for c in cells:
-        seen[(c.block, c.method, c.task)].append(c)
-    for same in seen.values():
-        if len(same) > 1:
-            for c in same:
-                c.method += f" [{c.teacher_set or c.algorithm}]"
-                c.label += f" [{c.teacher_set or c.algorithm}]"
-
-
-def _epochs(value: float) -> str:
-    return f"{value:g} epoch" + ("" if value == 1 else "s")
+    return Cell(order.index(block), algorithm, teacher_set, teachers, student, warmup, noise, extras, a.task)
 
 
 # ----------------------------------------------------------------------------------------------------------- rows
 
-def _row(c: _Cell, reference: float | None) -> dict[str, Any]:
+def _row(c: Cell, reference: float | None) -> dict[str, Any]:
     scores = [100.0 * a.metrics[a.score_key] for a in c.ok]
     interval = confidence_interval(scores)
     params = _common([a.metrics.get("student_params") for a in c.ok] or
