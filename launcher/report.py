@@ -128,6 +128,11 @@ class Cell:
     named_extras: tuple[str, ...] = ()  # the extras its names show: those that tell it apart (report_names)
 
     @property
+    def setting(self) -> tuple:
+        """What the cell is but its grid.extra values and task: rows alike in it differ only in those."""
+        return self.block, self.algorithm, self.teacher_set, self.student, self.warmup, self.noise
+
+    @property
     def distills(self) -> bool:
         return self.block > 0 and self.algorithm in registry.distilling()
 
@@ -231,9 +236,7 @@ def _cells(attempts: list[_Attempt]) -> list[Cell]:
     cells: dict[tuple, Cell] = {}
     for a in attempts:
         cell = _cell_of(a)
-        key = (cell.block, cell.algorithm, cell.teacher_set, cell.student, cell.warmup, cell.noise, cell.extras,
-               cell.task)
-        cell = cells.setdefault(key, cell)
+        cell = cells.setdefault((*cell.setting, cell.extras, cell.task), cell)
         (cell.ok if a.ok else cell.failed).append(a)
     ordered = sorted(cells.values(), key=lambda c: (c.block, len(c.teachers), " + ".join(c.teachers).lower(),
                                                     c.student.lower(), c.warmup, c.noise != OFF, c.noise,

@@ -43,24 +43,29 @@ def _name_extras(cells: list[Cell]) -> None:
     algorithm, teachers, student, warm-up, noise) differ in that key, or where it is not the key's usual value in
     the task's table (the value most rows have). ``distill.hidden.beta: [0, 100]`` on MetaDistil only: the fine-tuning
     and KD rows read plainly, MetaDistil's two rows carry their beta."""
-    by_task: dict[str | None, list[Cell]] = defaultdict(list)
+    by_task: dict[str | None, list[tuple[Cell, dict[str, str]]]] = defaultdict(list)
     for c in cells:
-        by_task[c.task].append(c)
+        by_task[c.task].append((c, dict(map(_split, c.extras))))
     for table in by_task.values():
         counts: dict[str, Counter[str]] = defaultdict(Counter)
-        for c in table:
-            for key, value in map(_split, c.extras):
+        for _, values in table:
+            for key, value in values.items():
                 counts[key][value] += 1
-        usual = {key: ranked[0][0] for key, ranked in ((k, n.most_common(2)) for k, n in counts.items())
-                 if len(ranked) == 1 or ranked[0][1] > ranked[1][1]}
-        alike: dict[tuple, list[Cell]] = defaultdict(list)
-        for c in table:
-            alike[(c.block, c.algorithm, c.teacher_set, c.student, c.warmup, c.noise)].append(c)
+        usual = {key: _most_common(n) for key, n in counts.items()}
+        alike: dict[tuple, list[tuple[Cell, dict[str, str]]]] = defaultdict(list)
+        for c, values in table:
+            alike[c.setting].append((c, values))
         for group in alike.values():
-            varying = {key for key in counts if len({dict(map(_split, c.extras)).get(key) for c in group}) > 1}
-            for c in group:
-                c.named_extras = tuple(e for e, (key, value) in zip(c.extras, map(_split, c.extras))
-                                       if key in varying or usual.get(key) != value)
+            varying = {key for key in counts if len({values.get(key) for _, values in group}) > 1}
+            for c, values in group:
+                c.named_extras = tuple(f"{key}={value}" for key, value in values.items()
+                                       if key in varying or usual[key] != value)
+
+
+def _most_common(values: Counter[str]) -> str | None:
+    """The value most rows have; None when two tie."""
+    ranked = values.most_common(2)
+    return ranked[0][0] if len(ranked) == 1 or ranked[0][1] > ranked[1][1] else None
 
 
 def _split(extra: str) -> tuple[str, str]:
