@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from trainer import registry
+from trainer.allocator import keep_large_blocks_on_heap
 from trainer.config import TrialConfig
 from trainer.data import Batch, Collator, Splits, TextSet, load_splits
 from trainer.distributed import check_workers, shard, world
@@ -59,6 +60,7 @@ class Trial:
 def build_trial(cfg: TrialConfig, device: torch.device | None = None) -> Trial:
     """Seed every RNG with ``cfg.seed``, then load and wrap; ``device`` None picks ``cfg.device``."""
     check_workers(cfg, world()[1])
+    keep_large_blocks_on_heap()  # before the first large tensor: CPU steps reuse freed memory (trainer/allocator.py)
     seed_everything(cfg.seed)
     device = device or pick_device(cfg.device)
     splits = load_splits(cfg.data, cfg.seed)

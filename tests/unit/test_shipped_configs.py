@@ -147,7 +147,7 @@ def test_the_search_sweep_searches_each_algorithm_and_confirms_on_five_seeds(mon
     cells = {c.id.partition("__")[0]: c for c in plan.search.cells}
     assert {k: sorted(c.space) for k, c in cells.items()} == {
         "finetune": ["optim.lr"], "kd": ["distill.alpha", "distill.temperature", "optim.lr"],
-        "metadistil": ["metadistil.pilot_lr", "metadistil.teacher_lr"]}
+        "metadistil": ["metadistil.pilot_lr", "metadistil.teacher_lr", "optim.lr"]}
     assert all(len(c.trials) == 10 and [t.config.seed for t in c.confirm] == [1, 2, 3, 4, 5] for c in cells.values())
     assert all(t.config.optim.max_steps == 80 for t in [*plan.search.trials, *plan.trials])
     # sst2_cpu's data and teacher: the same fine-tuned teacher (cache folder) serves both sweeps

@@ -96,7 +96,7 @@ class MetaDistil(KD[Engine]):
                                         create_graph=second_order)
             if not second_order:
                 average(grads)  # several workers: the pilot steps on the whole batch's gradient, as one worker would
-            stepped = {n: p - lr * g for (n, p), g in zip(theta.items(), grads)}
+            stepped = {n: torch.add(p, g, alpha=-lr) for (n, p), g in zip(theta.items(), grads)}  # one pass, one tensor
             if not second_order:
                 stepped = {n: p.detach().requires_grad_() for n, p in stepped.items()}
             # Dead tensors are dropped as soon as possible: each is a full copy of the student.
@@ -221,7 +221,7 @@ def finite_difference_jvp(fn: Callable[[Params], Outputs], primal: Params, tange
         return tuple(torch.zeros_like(o) for o in at_primal)
     scale = float(torch.finfo(at_primal[0].dtype).eps) ** 0.5 / tangent_norm
     with torch.no_grad(), replay_rng(dropout_state):
-        stepped = fn({n: p + scale * tangents[n] for n, p in primal.items()})
+        stepped = fn({n: torch.add(p, tangents[n], alpha=scale) for n, p in primal.items()})
     return tuple((s - o) / scale for s, o in zip(stepped, at_primal, strict=True))
 
 
