@@ -4,8 +4,8 @@ glibc's malloc serves every block above its mmap threshold (at most 32 MiB, howe
 and returns it to the kernel on free, so each such tensor page-faults all its pages again, zero-filled by the kernel.
 A BERT-vocabulary embedding's gradient (30,522 x 384 floats, 47 MB) is such a block, allocated anew in every
 backward, and MetaDistil's step allocates several more of them (the pilot's θ', θ + hv, the teachers' gradients).
-Measured at MiniLM shape on one thread: a fresh 47 MB ``torch.zeros`` 20 ms against 6-9 ms with this setting, and the
-lagged MetaDistil step 2.66-2.75x a KD step against 2.46-2.49x (BENCHMARKS.md, "The CPU allocator").
+Measured (BENCHMARKS.md, "The CPU allocator"): a fresh 47 MB ``torch.zeros`` 19-22 ms against 1.7 ms once freed memory
+is reused; at MiniLM shape on 2 threads the lagged MetaDistil step 2.58-2.59x a KD step against 2.46-2.48x (paired).
 
 PyTorch's CPU tuning guide recommends jemalloc or tcmalloc (``LD_PRELOAD``) for the same reason; this needs neither.
 """
@@ -24,16 +24,20 @@ TRIM_THRESHOLD = (1 << 31) - 1  # the heap's free top is kept, not handed back a
 USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
 
 
+def on_glibc() -> bool:
+    return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+
 def keep_large_blocks_on_heap() -> bool:
     """Raise glibc's mmap and trim thresholds for this process; whether they were set.
 
     Left alone: other C libraries (no ``mallopt``), and processes whose user chose the allocator's behaviour
     (glibc's ``MALLOC_*_THRESHOLD_`` variables, or a ``*malloc`` library in ``LD_PRELOAD``).
     """
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    if not on_glibc():
         return False
     if any(os.environ.get(name) for name in USER_SETTINGS) or "malloc" in os.environ.get("LD_PRELOAD", ""):
         return False  # jemalloc, tcmalloc, mimalloc
-    libc = ctypes.CDLL(None)
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(libc.mallopt(M_TRIM_THRESHOLD,
-                                                                                          TRIM_THRESHOLD))
+    mallopt = ctypes.CDLL(None).mallopt
+    return all(mallopt(param, value) == 1 for param, value in ((M_MMAP_THRESHOLD, MMAP_THRESHOLD),
+                                                                (M_TRIM_THRESHOLD, TRIM_THRESHOLD)))

@@ -1,14 +1,13 @@
 """trainer/allocator.py: large CPU tensors reuse freed memory (counted in page faults), and a user's choice stands."""
 
 import os
-import platform
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from trainer.allocator import keep_large_blocks_on_heap
+from trainer.allocator import keep_large_blocks_on_heap, on_glibc
 
 ROOT = Path(__file__).resolve().parents[2]
 BLOCK_PAGES = (64 << 20) // os.sysconf("SC_PAGE_SIZE")  # one 64 MiB tensor
@@ -16,7 +15,7 @@ BLOCK_PAGES = (64 << 20) // os.sysconf("SC_PAGE_SIZE")  # one 64 MiB tensor
 FAULTS = """
 import resource, sys, torch
 if sys.argv[1] == "on":
-    from trainer.allocator import keep_large_blocks_on_heap
+    from trainer.allocator import keep_large_blocks_on_heap, on_glibc
     print(keep_large_blocks_on_heap())
 for _ in range(20):
     torch.zeros(16 << 20)
@@ -26,8 +25,7 @@ for _ in range(10):
 print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
-glibc_only = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
-                                reason="mallopt is glibc's")
+glibc_only = pytest.mark.skipif(not on_glibc(), reason="mallopt is glibc's")
 
 
 def page_faults(mode: str) -> list[str]:
